@@ -1,0 +1,102 @@
+"""emailmw: pub/sub messages and request/reply services over email.
+
+Quick start (no mail server needed)::
+
+    import emailmw
+
+    emailmw.init(emailmw.Options(intraprocess=True))
+    sub = emailmw.Subscription("/chatter")
+    emailmw.Publisher("/chatter").publish("hello")
+    print(emailmw.wait_for_message(sub, timeout=1.0))
+    emailmw.shutdown()
+
+Everything listed in ``__all__`` is the public API.
+"""
+
+from __future__ import annotations
+
+from emailmw.context import Context, ContextState, init, shutdown, stats
+from emailmw.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    ContextError,
+    EmailmwError,
+    GuardConditionInUseError,
+    ImapError,
+    InvalidHeaderError,
+    InvalidNameError,
+    SmtpError,
+    TlsError,
+    TransportError,
+    UnknownRequestError,
+    WaitTimeoutError,
+)
+from emailmw.info import (
+    Gid,
+    MessageInfo,
+    ServiceInfo,
+    ServiceRequest,
+    ServiceRequestId,
+    Timestamp,
+)
+from emailmw.options import Options
+from emailmw.pubsub import Publisher, Subscription
+from emailmw.service import ServiceClient, ServiceServer
+from emailmw.stats import DropReason, Stats
+from emailmw.wait import (
+    GuardCondition,
+    WaitSet,
+    wait_for_message,
+    wait_for_message_with_info,
+    wait_for_request,
+    wait_for_request_with_info,
+    wait_for_response,
+    wait_for_response_with_info,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "Context",
+    "ContextError",
+    "ContextState",
+    "DropReason",
+    "EmailmwError",
+    "Gid",
+    "GuardCondition",
+    "GuardConditionInUseError",
+    "ImapError",
+    "InvalidHeaderError",
+    "InvalidNameError",
+    "MessageInfo",
+    "Options",
+    "Publisher",
+    "ServiceClient",
+    "ServiceInfo",
+    "ServiceRequest",
+    "ServiceRequestId",
+    "ServiceServer",
+    "SmtpError",
+    "Stats",
+    "Subscription",
+    "Timestamp",
+    "TlsError",
+    "TransportError",
+    "UnknownRequestError",
+    "WaitSet",
+    "WaitTimeoutError",
+    "__version__",
+    "init",
+    "shutdown",
+    "stats",
+    "wait_for_message",
+    "wait_for_message_with_info",
+    "wait_for_request",
+    "wait_for_request_with_info",
+    "wait_for_response",
+    "wait_for_response_with_info",
+]

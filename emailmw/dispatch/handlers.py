@@ -1,0 +1,208 @@
+"""Handlers: route each received email by its headers to the entities that want it.
+
+* A **message** carries ``Publisher-GID`` and no ``In-Reply-To``: it goes to
+  every subscription on its subject (the topic).
+* A **service request** carries ``Client-GID`` and ``Request-Sequence-Number``
+  and no ``In-Reply-To``: it goes to every server of its subject (the service).
+* A **service response** carries the same two headers and ``In-Reply-To``: it
+  goes to the one client whose GID is ``Client-GID``, and only that one.
+
+An email that carries our headers with values that do not parse is logged and
+counted as malformed; one that carries none of them is not for these handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from emailmw.info import (
+    HEADER_CLIENT_GID,
+    HEADER_PUBLISHER_GID,
+    HEADER_SEQUENCE_NUMBER,
+    HEADER_SOURCE_TIMESTAMP,
+    Gid,
+    MessageInfo,
+    ServiceInfo,
+    Timestamp,
+    parse_sequence_number,
+)
+from emailmw.stats import DropReason, StatsCounters
+from emailmw.transport.data import EmailData
+
+__all__ = [
+    "EmailHandler",
+    "MessageSink",
+    "RequestSink",
+    "ResponseSink",
+    "ServiceHandler",
+    "SubscriptionHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class MessageSink(Protocol):
+    """What a subscription offers the subscription handler."""
+
+    def _push_message(self, message: str, info: MessageInfo) -> None: ...
+
+
+class RequestSink(Protocol):
+    """What a service server offers the service handler."""
+
+    def _push_request(self, email: EmailData, info: ServiceInfo) -> None: ...
+
+
+class ResponseSink(Protocol):
+    """What a service client offers the service handler."""
+
+    def _push_response(self, message: str, info: ServiceInfo) -> None: ...
+
+
+class EmailHandler:
+    """Base of the handlers: a callable that takes an email or declines it."""
+
+    def __init__(self, stats: StatsCounters) -> None:
+        self._stats = stats
+        self._lock = threading.Lock()
+
+    def __call__(self, email: EmailData) -> bool:
+        return self.handle(email)
+
+    def handle(self, email: EmailData) -> bool:
+        """Route ``email``; return True if it was for this handler."""
+        raise NotImplementedError
+
+    def _malformed(self, email: EmailData, reason: str) -> bool:
+        logger.warning(
+            "dropping malformed email %s (subject %r): %s",
+            email.message_id,
+            email.content.subject[:80],
+            reason,
+        )
+        self._stats.drop(DropReason.MALFORMED)
+        return True
+
+
+class SubscriptionHandler(EmailHandler):
+    """Routes messages to subscriptions by topic."""
+
+    def __init__(self, stats: StatsCounters) -> None:
+        super().__init__(stats)
+        self._subscriptions: dict[str, tuple[MessageSink, ...]] = {}
+
+    def register_subscription(self, topic_name: str, subscription: MessageSink) -> None:
+        """Deliver messages on ``topic_name`` to ``subscription`` from now on."""
+        with self._lock:
+            subs = self._subscriptions.get(topic_name, ())
+            self._subscriptions[topic_name] = (*subs, subscription)
+
+    def unregister_subscription(self, topic_name: str, subscription: MessageSink) -> None:
+        """Stop delivering to ``subscription``."""
+        with self._lock:
+            subs = tuple(
+                s for s in self._subscriptions.get(topic_name, ()) if s is not subscription
+            )
+            if subs:
+                self._subscriptions[topic_name] = subs
+            else:
+                self._subscriptions.pop(topic_name, None)
+
+    def handle(self, email: EmailData) -> bool:
+        """Deliver a message to the subscriptions on its topic."""
+        headers = email.headers
+        gid_text = headers.get(HEADER_PUBLISHER_GID)
+        if gid_text is None or email.in_reply_to:
+            return False
+        gid = Gid.from_string(gid_text)
+        if gid is None:
+            return self._malformed(email, f"bad {HEADER_PUBLISHER_GID} {gid_text[:40]!r}")
+        stamp = _source_timestamp(email)
+        if stamp is None:
+            return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
+        subscriptions = self._subscriptions.get(email.content.subject, ())
+        if not subscriptions:
+            return False
+        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid)
+        for subscription in subscriptions:
+            subscription._push_message(email.content.body, info)
+        self._stats.add("delivered", len(subscriptions))
+        return True
+
+
+class ServiceHandler(EmailHandler):
+    """Routes requests to servers by service name and responses to clients by GID."""
+
+    def __init__(self, stats: StatsCounters) -> None:
+        super().__init__(stats)
+        self._servers: dict[str, tuple[RequestSink, ...]] = {}
+        self._clients: dict[int, ResponseSink] = {}
+
+    def register_service_server(self, service_name: str, server: RequestSink) -> None:
+        """Deliver requests for ``service_name`` to ``server`` from now on."""
+        with self._lock:
+            self._servers[service_name] = (*self._servers.get(service_name, ()), server)
+
+    def unregister_service_server(self, service_name: str, server: RequestSink) -> None:
+        """Stop delivering to ``server``."""
+        with self._lock:
+            servers = tuple(s for s in self._servers.get(service_name, ()) if s is not server)
+            if servers:
+                self._servers[service_name] = servers
+            else:
+                self._servers.pop(service_name, None)
+
+    def register_service_client(self, gid: Gid, client: ResponseSink) -> None:
+        """Deliver responses addressed to ``gid`` to ``client`` from now on."""
+        with self._lock:
+            if gid.value in self._clients:
+                raise ValueError(f"a client with GID {gid.value} is already registered")
+            self._clients[gid.value] = client
+
+    def unregister_service_client(self, gid: Gid) -> None:
+        """Stop delivering responses addressed to ``gid``."""
+        with self._lock:
+            self._clients.pop(gid.value, None)
+
+    def handle(self, email: EmailData) -> bool:
+        """Deliver a request to its servers, or a response to its client."""
+        headers = email.headers
+        gid_text = headers.get(HEADER_CLIENT_GID)
+        seq_text = headers.get(HEADER_SEQUENCE_NUMBER)
+        if gid_text is None and seq_text is None:
+            return False
+        if gid_text is None or seq_text is None:
+            return self._malformed(
+                email, f"{HEADER_CLIENT_GID} and {HEADER_SEQUENCE_NUMBER} must come together"
+            )
+        gid = Gid.from_string(gid_text)
+        if gid is None:
+            return self._malformed(email, f"bad {HEADER_CLIENT_GID} {gid_text[:40]!r}")
+        sequence_number = parse_sequence_number(seq_text)
+        if sequence_number is None:
+            return self._malformed(email, f"bad {HEADER_SEQUENCE_NUMBER} {seq_text[:40]!r}")
+        stamp = _source_timestamp(email)
+        if stamp is None:
+            return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
+        info = ServiceInfo(stamp, Timestamp(time.time_ns()), gid, sequence_number)
+        if email.in_reply_to:
+            client = self._clients.get(gid.value)
+            if client is None:
+                return False
+            client._push_response(email.content.body, info)
+            return True
+        servers = self._servers.get(email.content.subject, ())
+        if not servers:
+            return False
+        for server in servers:
+            server._push_request(email, info)
+        self._stats.add("delivered", len(servers))
+        return True
+
+
+def _source_timestamp(email: EmailData) -> Timestamp | None:
+    text = email.headers.get(HEADER_SOURCE_TIMESTAMP)
+    return None if text is None else Timestamp.from_string(text)

@@ -1,0 +1,115 @@
+"""The polling manager: one thread per context that receives emails and hands
+each one to the registered handlers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+from emailmw.stats import DropReason, StatsCounters
+from emailmw.transport.data import EmailData
+from emailmw.transport.receiver import EmailReceiver
+
+__all__ = ["PollingManager"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[EmailData], bool]
+
+#: How many recent Message-IDs are remembered to drop duplicates.
+DEDUP_WINDOW = 10_000
+_ERROR_BACKOFF_MAX = 5.0
+
+
+class PollingManager:
+    """Runs the receive loop on a named thread (``emailmw-poll``).
+
+    Each email is offered to every handler (a callable returning ``True`` when
+    it took the email). An email whose ``Message-ID`` was seen recently is
+    dropped as a duplicate. Exceptions from the receiver or a handler are
+    logged and never end the thread.
+    """
+
+    def __init__(self, receiver: EmailReceiver, stats: StatsCounters | None = None) -> None:
+        self._receiver = receiver
+        self._stats = stats if stats is not None else StatsCounters()
+        self._handlers: list[Handler] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def register_handler(self, handler: Handler) -> None:
+        """Add a handler. Register all handlers before :meth:`start`."""
+        self._handlers.append(handler)
+
+    @property
+    def running(self) -> bool:
+        """True while the thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, name: str = "emailmw-poll") -> None:
+        """Start the thread."""
+        if self._thread is not None:
+            raise RuntimeError("polling manager already started")
+        if self._receiver.bind_dispatcher(self.dispatch_batch):
+            logger.debug("receiver dispatches in the delivering thread when it can")
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 1.0) -> bool:
+        """Stop the thread and wait up to ``timeout`` s; True if it ended."""
+        self._stop.set()
+        self._receiver.interrupt()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("polling thread did not stop within %.1f s", timeout)
+            return False
+        return True
+
+    def dispatch_batch(self, emails: list[EmailData]) -> None:
+        """Count and dispatch received emails, in order. Callers serialize calls."""
+        self._stats.add("received", len(emails))
+        for email in emails:
+            self.dispatch(email)
+
+    def dispatch(self, email: EmailData) -> None:
+        """Offer one email to the handlers (what the thread does for each email)."""
+        message_id = email.message_id
+        if message_id:
+            seen = self._seen
+            if message_id in seen:
+                self._stats.drop(DropReason.DUPLICATE)
+                logger.debug("dropping duplicate %s", message_id)
+                return
+            seen[message_id] = None
+            if len(seen) > DEDUP_WINDOW:
+                seen.popitem(last=False)
+        taken = False
+        for handler in self._handlers:
+            try:
+                taken = handler(email) or taken
+            except Exception:
+                logger.exception("handler %r failed on email %s", handler, message_id)
+        if not taken:
+            self._stats.drop(DropReason.UNMATCHED)
+
+    def _run(self) -> None:
+        logger.debug("polling thread started")
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                emails = self._receiver.receive(None)
+                backoff = 0.1
+            except Exception:
+                logger.exception("receiver failed; retrying in %.1f s", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _ERROR_BACKOFF_MAX)
+                continue
+            if emails:
+                self.dispatch_batch(emails)
+        logger.debug("polling thread stopped")

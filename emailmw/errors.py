@@ -1,0 +1,113 @@
+"""Every exception emailmw raises, in one place.
+
+The tree::
+
+    EmailmwError
+    ├── ConfigError                  bad or missing configuration (names the key)
+    ├── ContextError                 context not initialized, or already shut down
+    ├── InvalidNameError             (also ValueError) bad topic/service name
+    ├── InvalidHeaderError           (also ValueError) bad additional header
+    ├── GuardConditionInUseError     guard condition already in another wait set
+    ├── WaitTimeoutError             (also TimeoutError) a wait_for_* timed out
+    ├── UnknownRequestError          (also KeyError) response to an unknown request id
+    └── TransportError               the mail servers could not do what was asked
+        ├── SmtpError                sending failed
+        ├── ImapError                receiving failed
+        ├── AuthenticationError      (also Smtp/Imap by server) wrong credentials
+        ├── TlsError                 TLS handshake or certificate verification failed
+        └── ConnectError             server unreachable, refused or silent
+
+Lower-level exceptions (``smtplib``, ``imapclient``, ``OSError``, ``ssl``) are
+translated inside the transport layer and chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "ContextError",
+    "EmailmwError",
+    "GuardConditionInUseError",
+    "ImapError",
+    "InvalidHeaderError",
+    "InvalidNameError",
+    "SmtpError",
+    "TlsError",
+    "TransportError",
+    "UnknownRequestError",
+    "WaitTimeoutError",
+]
+
+
+class EmailmwError(Exception):
+    """Root of every exception raised by emailmw."""
+
+
+class ConfigError(EmailmwError):
+    """The configuration is missing or invalid.
+
+    ``key`` is the dotted YAML key at fault (for example
+    ``email.user.url-imap``) when one is known, ``path`` the file it came from.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.path = path
+
+
+class ContextError(EmailmwError):
+    """A context was used before ``init()`` or after ``shutdown()``."""
+
+
+class InvalidNameError(EmailmwError, ValueError):
+    """A topic or service name is not valid (empty, control characters, too long)."""
+
+
+class InvalidHeaderError(EmailmwError, ValueError):
+    """An additional header name or value is not valid or is reserved."""
+
+
+class GuardConditionInUseError(EmailmwError):
+    """A guard condition was added to a second wait set."""
+
+
+class WaitTimeoutError(EmailmwError, TimeoutError):
+    """A ``wait_for_*`` call timed out before anything arrived."""
+
+
+class UnknownRequestError(EmailmwError, KeyError):
+    """``send_response`` was given a request id this server never received (or already answered)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the plain message
+        return str(self.args[0]) if self.args else ""
+
+
+class TransportError(EmailmwError):
+    """The mail transport failed. ``server`` names the server (``host:port``) when known."""
+
+    def __init__(self, message: str, *, server: str | None = None) -> None:
+        super().__init__(message)
+        self.server = server
+
+
+class SmtpError(TransportError):
+    """Sending an email over SMTP failed (after any retries)."""
+
+
+class ImapError(TransportError):
+    """Receiving over IMAP failed."""
+
+
+class AuthenticationError(TransportError):
+    """The server rejected the username or password."""
+
+
+class TlsError(TransportError):
+    """TLS could not be set up: handshake failure or certificate verification failure."""
+
+
+class ConnectError(TransportError):
+    """The server could not be reached: refused, unreachable, or did not answer in time."""

@@ -1,0 +1,154 @@
+"""Metadata that travels with every message, request and response.
+
+Values travel in email headers (no ``X-`` prefix, RFC 6648), with the names and
+formats of the reference design so that implementations can share a mailbox:
+
+=========================== ============================================
+header                      value
+=========================== ============================================
+``Source-Timestamp``        integer nanoseconds since the Unix epoch
+``Publisher-GID``           unsigned 32-bit integer, decimal (messages)
+``Client-GID``              unsigned 32-bit integer, decimal (services)
+``Request-Sequence-Number`` signed 64-bit integer, decimal (services)
+=========================== ============================================
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "HEADER_CLIENT_GID",
+    "HEADER_PUBLISHER_GID",
+    "HEADER_SEQUENCE_NUMBER",
+    "HEADER_SOURCE_TIMESTAMP",
+    "METADATA_HEADERS",
+    "Gid",
+    "MessageInfo",
+    "ServiceInfo",
+    "ServiceRequest",
+    "ServiceRequestId",
+    "Timestamp",
+]
+
+HEADER_SOURCE_TIMESTAMP = "Source-Timestamp"
+HEADER_PUBLISHER_GID = "Publisher-GID"
+HEADER_CLIENT_GID = "Client-GID"
+HEADER_SEQUENCE_NUMBER = "Request-Sequence-Number"
+#: Header names that emailmw owns; user code may not set them.
+METADATA_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        HEADER_SOURCE_TIMESTAMP,
+        HEADER_PUBLISHER_GID,
+        HEADER_CLIENT_GID,
+        HEADER_SEQUENCE_NUMBER,
+    )
+)
+
+_GID_MAX = 2**32 - 1
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _parse_decimal(text: str, lo: int, hi: int) -> int | None:
+    """Strict decimal parse: optional sign, ASCII digits only, within ``[lo, hi]``."""
+    text = text.strip()
+    body = text[1:] if text[:1] in ("-", "+") else text
+    if not body or not body.isascii() or not body.isdigit() or len(body) > 20:
+        return None
+    value = int(text)
+    return value if lo <= value <= hi else None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Timestamp:
+    """A point in time, in integer nanoseconds since the Unix epoch."""
+
+    nanoseconds: int
+
+    @classmethod
+    def now(cls) -> Timestamp:
+        """The current wall-clock time."""
+        return cls(time.time_ns())
+
+    def to_string(self) -> str:
+        """Decimal nanoseconds, the header format."""
+        return str(self.nanoseconds)
+
+    @classmethod
+    def from_string(cls, text: str) -> Timestamp | None:
+        """Parse the header format; ``None`` if it is not a signed 64-bit decimal."""
+        value = _parse_decimal(text, _INT64_MIN, _INT64_MAX)
+        return None if value is None else cls(value)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Gid:
+    """A globally unique identifier of a publisher, subscription, client or server.
+
+    ``value`` is an unsigned 32-bit integer, as in the reference design.
+    """
+
+    value: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.value <= _GID_MAX:
+            raise ValueError(f"GID must be an unsigned 32-bit integer, got {self.value!r}")
+
+    @classmethod
+    def new(cls) -> Gid:
+        """A new random GID."""
+        return cls(secrets.randbits(32))
+
+    def to_string(self) -> str:
+        """Decimal, the header format."""
+        return str(self.value)
+
+    @classmethod
+    def from_string(cls, text: str) -> Gid | None:
+        """Parse the header format; ``None`` if it is not an unsigned 32-bit decimal."""
+        value = _parse_decimal(text, 0, _GID_MAX)
+        return None if value is None else cls(value)
+
+
+def parse_sequence_number(text: str) -> int | None:
+    """Parse a ``Request-Sequence-Number`` value (signed 64-bit decimal)."""
+    return _parse_decimal(text, _INT64_MIN, _INT64_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """Metadata of a received pub/sub message."""
+
+    source_timestamp: Timestamp
+    received_timestamp: Timestamp
+    publisher_gid: Gid
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """Metadata of a received service request or response."""
+
+    source_timestamp: Timestamp
+    received_timestamp: Timestamp
+    client_gid: Gid
+    sequence_number: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequestId:
+    """Identifies one request: the client that sent it and its sequence number."""
+
+    sequence_number: int
+    client_gid: Gid
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequest:
+    """A request as a service server sees it: its id and its content."""
+
+    id: ServiceRequestId
+    content: str

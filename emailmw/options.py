@@ -1,0 +1,344 @@
+"""Configuration: the ``email:`` section of an ``email.yml`` file, validated.
+
+The file format is the reference design's, plus documented additions::
+
+    email:
+      user:
+        url-smtp: smtp://127.0.0.1:10025     # or smtps://, or a bare host (implicit TLS, 465)
+        url-imap: imaps://imap.example.com   # or imap://, or a bare host (implicit TLS, 993)
+        username: me@example.com
+        password: my-password              # or password-file, or $EMAILMW_PASSWORD
+      recipients:
+        to: me@example.com                  # a string or a list; cc and bcc likewise
+      polling-period: 100000000             # nanoseconds
+      intraprocess: false
+      receive-mode: auto                    # auto | idle | poll
+      mailbox: INBOX
+      tls: {ca-file: /path/ca.pem, verify: true, allow-insecure: false}
+
+See ``docs/config.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from emailmw.errors import ConfigError
+
+__all__ = [
+    "CONFIG_FILE_ENV",
+    "PASSWORD_ENV",
+    "SIGNING_KEY_ENV",
+    "Options",
+    "RecipientsOptions",
+    "ServerAddress",
+    "TlsOptions",
+    "UserOptions",
+    "parse_server_url",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_ENV = "EMAIL_CONFIG_FILE"
+PASSWORD_ENV = "EMAILMW_PASSWORD"
+SIGNING_KEY_ENV = "EMAILMW_SIGNING_KEY"
+_CONFIG_FILE_NAME = "email.yml"
+
+_DEFAULT_PORTS = {
+    "imap": (143, "starttls"),
+    "imaps": (993, "implicit"),
+    "smtp": (587, "starttls"),
+    "smtps": (465, "implicit"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """Where a server is and how to speak TLS to it.
+
+    ``tls`` is ``"implicit"`` (TLS from the first byte) or ``"starttls"``
+    (upgrade when the server offers it).
+    """
+
+    scheme: str
+    host: str
+    port: int
+    tls: Literal["implicit", "starttls"]
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_server_url(url: str, protocol: Literal["imap", "smtp"]) -> ServerAddress:
+    """Parse ``imap[s]://host[:port]``, ``smtp[s]://host[:port]`` or a bare host.
+
+    A bare host (the reference format) means implicit TLS on 993 or 465.
+    Raises :class:`ValueError` with a readable message.
+    """
+    text = url.strip()
+    if not text:
+        raise ValueError("empty server URL")
+    if "://" not in text:
+        text = f"{protocol}s://{text}"
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in (protocol, protocol + "s"):
+        raise ValueError(f"scheme must be {protocol}:// or {protocol}s://, got {parts.scheme}://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"unexpected path or query in server URL {url!r}")
+    if parts.username or parts.password:
+        raise ValueError("put credentials in user.username/user.password, not in the URL")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in server URL {url!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in server URL {url!r}") from exc
+    default_port, tls = _DEFAULT_PORTS[scheme]
+    return ServerAddress(scheme, host, port or default_port, tls)  # type: ignore[arg-type]
+
+
+def _as_list(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, hide_input_in_errors=True
+    )
+
+
+class UserOptions(_Model):
+    """The account: server URLs and credentials (``email.user``)."""
+
+    url_smtp: str = Field(alias="url-smtp")
+    url_imap: str = Field(alias="url-imap")
+    username: str = ""
+    password: SecretStr | None = None
+
+    @field_validator("url_smtp")
+    @classmethod
+    def _check_smtp(cls, value: str) -> str:
+        parse_server_url(value, "smtp")
+        return value
+
+    @field_validator("url_imap")
+    @classmethod
+    def _check_imap(cls, value: str) -> str:
+        parse_server_url(value, "imap")
+        return value
+
+    @property
+    def smtp(self) -> ServerAddress:
+        """The parsed SMTP server address."""
+        return parse_server_url(self.url_smtp, "smtp")
+
+    @property
+    def imap(self) -> ServerAddress:
+        """The parsed IMAP server address."""
+        return parse_server_url(self.url_imap, "imap")
+
+
+class RecipientsOptions(_Model):
+    """Who published messages and requests go to (``email.recipients``)."""
+
+    to: list[str] = Field(default_factory=list)
+    cc: list[str] = Field(default_factory=list)
+    bcc: list[str] = Field(default_factory=list)
+
+    @field_validator("to", "cc", "bcc", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("to", "cc", "bcc")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if "@" not in address or any(c in address for c in "\r\n\0<>, "):
+                raise ValueError(f"not an email address: {address!r}")
+        return value
+
+
+class TlsOptions(_Model):
+    """TLS settings (``email.tls``)."""
+
+    ca_file: Path | None = Field(default=None, alias="ca-file")
+    verify: bool = True
+    allow_insecure: bool = Field(default=False, alias="allow-insecure")
+
+
+class Options(_Model):
+    """emailmw configuration: the ``email:`` section of ``email.yml``.
+
+    ``Options(intraprocess=True)`` is a complete configuration for one process
+    with no mail server. Field names are the YAML keys with ``-`` turned into
+    ``_``; both spellings are accepted.
+    """
+
+    user: UserOptions | None = None
+    recipients: RecipientsOptions = Field(default_factory=RecipientsOptions)
+    polling_period: int = Field(default=100_000_000, alias="polling-period", ge=0)
+    intraprocess: bool = False
+    receive_mode: Literal["auto", "idle", "poll"] = Field(default="auto", alias="receive-mode")
+    mailbox: str = "INBOX"
+    tls: TlsOptions = Field(default_factory=TlsOptions)
+    password_file: Path | None = Field(default=None, alias="password-file")
+    from_address: str | None = Field(default=None, alias="from")
+    timeout: float = Field(default=10.0, gt=0)
+    send_timeout: float = Field(default=30.0, alias="send-timeout", gt=0)
+    queue_depth: int = Field(default=10_000, alias="queue-depth", ge=1)
+    max_message_size: int = Field(default=25 * 1024 * 1024, alias="max-message-size", ge=1)
+    signing_key: SecretStr | None = Field(default=None, alias="signing-key")
+    signing_key_file: Path | None = Field(default=None, alias="signing-key-file")
+    max_age: float = Field(default=24 * 3600.0, alias="max-age", gt=0)
+    allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
+
+    @field_validator("allowed_senders", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("mailbox")
+    @classmethod
+    def _check_mailbox(cls, value: str) -> str:
+        if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("mailbox must be a non-empty name without control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_user(self) -> Options:
+        if not self.intraprocess and self.user is None:
+            raise ValueError("user: field required unless intraprocess is true")
+        return self
+
+    # -- secrets -----------------------------------------------------------------
+
+    def resolve_password(self) -> str | None:
+        """The password: ``user.password``, else ``password-file``, else ``$EMAILMW_PASSWORD``."""
+        if self.user is not None and self.user.password is not None:
+            return self.user.password.get_secret_value()
+        if self.password_file is not None:
+            return _read_secret_file(self.password_file, "email.password-file")
+        return os.environ.get(PASSWORD_ENV)
+
+    def resolve_signing_key(self) -> bytes | None:
+        """The signing key: ``signing-key``, else ``signing-key-file``, else
+        ``$EMAILMW_SIGNING_KEY``."""
+        if self.signing_key is not None:
+            return self.signing_key.get_secret_value().encode()
+        if self.signing_key_file is not None:
+            return _read_secret_file(self.signing_key_file, "email.signing-key-file").encode()
+        value = os.environ.get(SIGNING_KEY_ENV)
+        return value.encode() if value else None
+
+    # -- loading -----------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> Options:
+        """Build from the parsed YAML document (a mapping with an ``email`` key)."""
+        if not isinstance(data, dict) or "email" not in data:
+            raise ConfigError(
+                f"{source}: email: field required (top-level key)", key="email", path=source
+            )
+        section = data["email"]
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: email: must be a mapping", key="email", path=source)
+        extra = sorted(set(data) - {"email"})
+        if extra:
+            raise ConfigError(
+                f"{source}: {extra[0]}: unknown top-level key", key=extra[0], path=source
+            )
+        try:
+            return cls.model_validate(section)
+        except ValidationError as exc:
+            raise _config_error(exc, source) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Options:
+        """Read and validate a YAML config file."""
+        source = os.fspath(path)
+        try:
+            with open(source, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}", path=source) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc}", path=source) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}", path=source) from None
+        logger.debug("loaded config from %s", source)
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def find_file(cls) -> Path | None:
+        """The config file :meth:`load` uses: ``$EMAIL_CONFIG_FILE``, else ``./email.yml``,
+        else ``~/email.yml``."""
+        env = os.environ.get(CONFIG_FILE_ENV)
+        if env:
+            return Path(env)
+        for candidate in (Path.cwd() / _CONFIG_FILE_NAME, Path.home() / _CONFIG_FILE_NAME):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    @classmethod
+    def load(cls) -> Options:
+        """Find the config file (see :meth:`find_file`) and read it."""
+        path = cls.find_file()
+        if path is None:
+            raise ConfigError(
+                f"no config file: set {CONFIG_FILE_ENV}, or create ./{_CONFIG_FILE_NAME} "
+                f"or ~/{_CONFIG_FILE_NAME}"
+            )
+        return cls.from_file(path)
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}", key=key) from None
+
+
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    problems = []
+    first_key = None
+    for err in exc.errors(include_url=False, include_input=False):
+        key = ".".join(["email", *(str(p) for p in err["loc"])])
+        first_key = first_key or key
+        message = str(err["msg"])
+        if err["type"] == "missing":
+            message = "field required"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if "user: field required" in message:
+            key, message = "email.user", "field required unless intraprocess is true"
+            first_key = key if first_key == "email" else first_key
+        problems.append(f"{key}: {message}")
+    text = "; ".join(problems)
+    return ConfigError(f"{text} (in {source})", key=first_key, path=source)

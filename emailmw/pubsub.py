@@ -1,0 +1,155 @@
+"""Publishers and subscriptions: one-to-many messages on a topic."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+
+from emailmw.context import Context, resolve_context
+from emailmw.info import HEADER_PUBLISHER_GID, HEADER_SOURCE_TIMESTAMP, Gid, MessageInfo
+from emailmw.stats import DropReason
+from emailmw.transport.data import EmailContent, EmailHeaders
+from emailmw.validation import validate_headers, validate_name
+from emailmw.waitable import Waitable
+
+__all__ = ["Publisher", "Subscription"]
+
+
+class Publisher:
+    """Publishes messages on one topic: each message is one email.
+
+    The email's subject is the topic name and its body the message; the
+    ``Source-Timestamp`` and ``Publisher-GID`` headers carry the metadata.
+    """
+
+    def __init__(self, topic_name: str, *, context: Context | None = None) -> None:
+        self._topic_name = validate_name(topic_name, "topic")
+        self._context = resolve_context(context)
+        self._gid = Gid.new()
+        self._gid_text = self._gid.to_string()
+
+    @property
+    def topic_name(self) -> str:
+        """The topic."""
+        return self._topic_name
+
+    @property
+    def gid(self) -> Gid:
+        """This publisher's unique id (the ``Publisher-GID`` of its messages)."""
+        return self._gid
+
+    def publish(self, message: str, additional_headers: Mapping[str, str] | None = None) -> None:
+        """Send ``message``; returns once the transport accepted it.
+
+        ``additional_headers`` are extra email headers (validated; emailmw's own
+        and structural headers are reserved). Raises
+        :class:`~emailmw.InvalidHeaderError` or :class:`TypeError` before
+        anything is sent, :class:`~emailmw.TransportError` if sending failed.
+        """
+        if not isinstance(message, str):
+            raise TypeError(f"message must be a str, got {type(message).__name__}")
+        context = self._context
+        context._check()
+        headers = EmailHeaders()
+        if additional_headers:
+            for name, value in validate_headers(additional_headers).items():
+                headers[name] = value
+        headers[HEADER_SOURCE_TIMESTAMP] = str(time.time_ns())
+        headers[HEADER_PUBLISHER_GID] = self._gid_text
+        context.sender.send(EmailContent(self._topic_name, message), headers)
+        context.stats_counters.add("sent")
+
+    def __repr__(self) -> str:
+        return f"<Publisher {self._topic_name!r} gid={self._gid.value}>"
+
+
+class Subscription(Waitable):
+    """Receives the messages published on one topic, in arrival order.
+
+    Messages wait in a bounded queue of ``depth`` entries (default: the
+    ``queue-depth`` option); when it is full the oldest message is dropped and
+    counted in :meth:`Context.stats` as ``queue_full``.
+    """
+
+    __slots__ = ("_closed", "_context", "_depth", "_gid", "_queue", "_topic_name")
+
+    def __init__(
+        self, topic_name: str, *, depth: int | None = None, context: Context | None = None
+    ) -> None:
+        super().__init__()
+        self._topic_name = validate_name(topic_name, "topic")
+        self._context = resolve_context(context)
+        self._context._register_waitable(self)
+        self._depth = _check_depth(depth, self._context)
+        self._gid = Gid.new()
+        self._queue: deque[tuple[str, MessageInfo]] = deque()
+        self._closed = False
+        self._context.subscription_handler.register_subscription(self._topic_name, self)
+
+    @property
+    def topic_name(self) -> str:
+        """The topic."""
+        return self._topic_name
+
+    @property
+    def gid(self) -> Gid:
+        """This subscription's unique id."""
+        return self._gid
+
+    @property
+    def depth(self) -> int:
+        """The queue's capacity."""
+        return self._depth
+
+    def has_message(self) -> bool:
+        """True if a message is waiting."""
+        self._context._check()
+        return bool(self._queue)
+
+    def get_message(self) -> str | None:
+        """Take the oldest waiting message, or ``None`` if there is none. Never blocks."""
+        item = self.get_message_with_info()
+        return None if item is None else item[0]
+
+    def get_message_with_info(self) -> tuple[str, MessageInfo] | None:
+        """Take the oldest waiting message and its metadata, or ``None``."""
+        self._context._check()
+        with self._lock:
+            return self._queue.popleft() if self._queue else None
+
+    def close(self) -> None:
+        """Stop receiving new messages (waiting ones can still be taken). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._context.subscription_handler.unregister_subscription(self._topic_name, self)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self._topic_name!r} gid={self._gid.value}>"
+
+    # -- internal ------------------------------------------------------------------------
+
+    @property
+    def _waitable_context(self) -> Context:
+        return self._context
+
+    def _is_ready(self) -> bool:
+        return self.has_message()
+
+    def _push_message(self, message: str, info: MessageInfo) -> None:
+        with self._lock:
+            queue = self._queue
+            if len(queue) >= self._depth:
+                queue.popleft()
+                self._context.stats_counters.drop(DropReason.QUEUE_FULL)
+            queue.append((message, info))
+            for waiter in self._waiters:
+                waiter.set()
+
+
+def _check_depth(depth: int | None, context: Context) -> int:
+    if depth is None:
+        return context.options.queue_depth
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    return depth

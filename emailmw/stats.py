@@ -1,0 +1,70 @@
+"""Counters of what a context sent, received, delivered and dropped."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["DropReason", "Stats", "StatsCounters"]
+
+
+class DropReason(enum.Enum):
+    """Why an email (or a queued entry) was not delivered."""
+
+    NOT_EMAILMW = "not_emailmw"  #: an email that is not an emailmw message
+    MALFORMED = "malformed"  #: claims to be emailmw but cannot be decoded
+    UNSIGNED = "unsigned"  #: a signing key is set and the email has no signature
+    BAD_SIGNATURE = "bad_signature"  #: the signature does not verify
+    REPLAY = "replay"  #: a signed email seen before, or older than ``max-age``
+    SENDER_NOT_ALLOWED = "sender_not_allowed"  #: ``From`` not in ``allowed-senders``
+    TOO_LARGE = "too_large"  #: bigger than ``max-message-size``
+    QUEUE_FULL = "queue_full"  #: an entity's queue was full; the oldest entry was dropped
+    DUPLICATE = "duplicate"  #: the same Message-ID or response was delivered already
+    UNMATCHED = "unmatched"  #: no subscription, server or client wanted it
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of a context's counters (see :meth:`emailmw.Context.stats`)."""
+
+    sent: int = 0
+    send_retries: int = 0
+    send_failures: int = 0
+    received: int = 0
+    delivered: int = 0
+    reconnects: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped_total(self) -> int:
+        """Every drop, whatever the reason."""
+        return sum(self.dropped.values())
+
+
+class StatsCounters:
+    """The live, thread-safe counters behind :class:`Stats`."""
+
+    __slots__ = ("_counts", "_dropped", "_lock")
+
+    _NAMES = ("sent", "send_retries", "send_failures", "received", "delivered", "reconnects")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self._NAMES, 0)
+        self._dropped = {reason.value: 0 for reason in DropReason}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to counter ``name`` (one of :class:`Stats`' int fields)."""
+        with self._lock:
+            self._counts[name] += amount
+
+    def drop(self, reason: DropReason, amount: int = 1) -> None:
+        """Count ``amount`` drops for ``reason``."""
+        with self._lock:
+            self._dropped[reason.value] += amount
+
+    def snapshot(self) -> Stats:
+        """A consistent copy of every counter."""
+        with self._lock:
+            return Stats(dropped=dict(self._dropped), **self._counts)

@@ -1,0 +1,138 @@
+"""The intraprocess transport: emails handed over in memory, no server.
+
+:class:`IntraEmailSender` gives each email straight to its
+:class:`IntraEmailReceiver`, which stamps it with a random ``Message-ID`` (as a
+mail server's sender would) and queues it until the polling manager takes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from collections import deque
+
+from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
+from emailmw.transport.receiver import Dispatcher, EmailReceiver
+from emailmw.transport.sender import EmailSender
+from emailmw.waitable import Waiter
+
+__all__ = ["INTRAPROCESS_ADDRESS", "IntraEmailReceiver", "IntraEmailSender"]
+
+#: The From and To address of intraprocess emails.
+INTRAPROCESS_ADDRESS = "intraprocess@localhost"
+
+
+class IntraEmailReceiver(EmailReceiver):
+    """An in-memory mailbox fed by :class:`IntraEmailSender`.
+
+    With a bound dispatcher (see :meth:`bind_dispatcher`), an email delivered
+    while nothing else is queued or being dispatched is dispatched at once in
+    the sender's thread (no thread hop: the latency of a function call);
+    otherwise it is queued and the polling thread dispatches it. A lock held
+    while dispatching, and taken before the queue is drained, keeps emails in
+    delivery order either way.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[EmailData] = deque()
+        self._wakeup = Waiter()
+        self._interrupted = False
+        self._dispatcher: Dispatcher | None = None
+        self._dispatch_lock = threading.Lock()
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def bind_dispatcher(self, dispatcher: Dispatcher) -> bool:
+        """Dispatch in the delivering thread when possible (see the class docstring)."""
+        self._dispatcher = dispatcher
+        return True
+
+    def deliver(self, email: EmailData) -> str:
+        """Give ``email`` a new random Message-ID, then dispatch or queue it; return the id.
+
+        The id is a random per-receiver prefix and a counter: unique, unguessable
+        across runs, and cheap.
+        """
+        message_id = f"<{self._prefix}.{next(self._counter)}@intraprocess>"
+        email.message_id = message_id
+        dispatcher = self._dispatcher
+        queue = self._queue
+        if dispatcher is not None and not queue and self._dispatch_lock.acquire(blocking=False):
+            try:
+                if not queue:
+                    dispatcher([email])
+                    return message_id
+                queue.append(email)
+            finally:
+                self._dispatch_lock.release()
+        else:
+            queue.append(email)
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return message_id
+
+    def receive(self, timeout: float | None) -> list[EmailData]:
+        """Every queued email, waiting up to ``timeout`` for one to arrive.
+
+        With a bound dispatcher the emails are dispatched here, under the
+        dispatch lock, and the list returned is empty.
+        """
+        queue = self._queue
+        if not queue and not self._interrupted:
+            self._wakeup.wait(timeout)
+        self._interrupted = False
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return _drain(queue)
+        with self._dispatch_lock:
+            emails = _drain(queue)
+            if emails:
+                dispatcher(emails)
+        return []
+
+    def interrupt(self) -> None:
+        """Wake a blocked :meth:`receive`."""
+        self._interrupted = True
+        self._wakeup.set()
+
+
+def _drain(queue: deque[EmailData]) -> list[EmailData]:
+    emails = []
+    while queue:
+        emails.append(queue.popleft())
+    return emails
+
+
+class IntraEmailSender(EmailSender):
+    """Sends emails to an :class:`IntraEmailReceiver` in the same process.
+
+    Takes ownership of the ``headers`` it is given.
+    """
+
+    def __init__(self, receiver: IntraEmailReceiver, address: str = INTRAPROCESS_ADDRESS) -> None:
+        self._receiver = receiver
+        self._address = address
+
+    def send(self, content: EmailContent, headers: EmailHeaders | None = None) -> str:
+        """Hand a new email to the receiver; return its Message-ID."""
+        email = EmailData(
+            content=content,
+            headers=headers if headers is not None else EmailHeaders(),
+            from_=self._address,
+            recipients=EmailRecipients(to=[self._address]),
+        )
+        return self._receiver.deliver(email)
+
+    def reply(
+        self, content: EmailContent, original: EmailData, headers: EmailHeaders | None = None
+    ) -> str:
+        """Hand a reply to ``original`` to the receiver; return its Message-ID."""
+        email = EmailData(
+            content=content,
+            headers=headers if headers is not None else EmailHeaders(),
+            in_reply_to=original.message_id,
+            from_=self._address,
+            recipients=EmailRecipients(to=[original.from_ or self._address]),
+        )
+        return self._receiver.deliver(email)

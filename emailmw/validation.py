@@ -1,0 +1,113 @@
+"""Validation of user input that ends up in an email: names and headers.
+
+Everything here raises before anything is sent.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+
+from emailmw.errors import InvalidHeaderError, InvalidNameError
+from emailmw.info import METADATA_HEADERS
+
+__all__ = ["MAX_NAME_LENGTH", "RESERVED_HEADERS", "validate_headers", "validate_name"]
+
+#: Longest accepted topic or service name, in characters.
+MAX_NAME_LENGTH = 255
+
+#: Header names that emailmw or the mail transport set; user code may not.
+RESERVED_HEADERS = METADATA_HEADERS | frozenset(
+    {
+        "subject",
+        "from",
+        "sender",
+        "reply-to",
+        "to",
+        "cc",
+        "bcc",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "return-path",
+        "received",
+        "emailmw-signature",
+    }
+)
+
+# RFC 5322 field-name: printable US-ASCII except ":" (and we refuse space).
+_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
+_MAX_HEADER_VALUE = 8000
+# Unicode categories refused in names: controls, line/paragraph separators, surrogates,
+# unassigned code points.
+_BAD_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs", "Cn"})
+
+
+def validate_name(name: object, kind: str = "topic") -> str:
+    """Return ``name`` if it is a valid topic or service name, else raise.
+
+    A valid name is a non-empty ``str`` of at most :data:`MAX_NAME_LENGTH`
+    characters with no control characters (CR, LF, NUL, DEL, ...), no line or
+    paragraph separators and no surrogates or unassigned code points.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(f"{kind} name must be a str, got {type(name).__name__}")
+    if not name:
+        raise InvalidNameError(f"{kind} name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidNameError(
+            f"{kind} name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
+    if not name.isascii() or not name.isprintable():
+        for index, char in enumerate(name):
+            if unicodedata.category(char) in _BAD_CATEGORIES:
+                raise InvalidNameError(
+                    f"{kind} name {name!r} contains a forbidden character "
+                    f"U+{ord(char):04X} at index {index}"
+                )
+    return name
+
+
+def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Check user-supplied additional headers; return them as a plain dict.
+
+    Names must be RFC 5322 field names (printable ASCII, no colon or space) and
+    not reserved (:data:`RESERVED_HEADERS`); values must be ``str`` without CR,
+    LF or NUL and at most 8000 characters.
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidHeaderError(
+            f"additional_headers must be a mapping, got {type(headers).__name__}"
+        )
+    result: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise InvalidHeaderError(f"invalid header name {name!r}")
+        lower = name.lower()
+        if lower in RESERVED_HEADERS:
+            raise InvalidHeaderError(f"header {name!r} is reserved and set by emailmw")
+        if lower in seen:
+            raise InvalidHeaderError(f"header {name!r} given twice (names are case-insensitive)")
+        seen.add(lower)
+        if not isinstance(value, str):
+            raise InvalidHeaderError(
+                f"value of header {name!r} must be a str, got {type(value).__name__}"
+            )
+        if any(c in value for c in "\r\n\0"):
+            raise InvalidHeaderError(f"value of header {name!r} contains CR, LF or NUL")
+        if len(value) > _MAX_HEADER_VALUE:
+            raise InvalidHeaderError(
+                f"value of header {name!r} is {len(value)} characters; the limit is "
+                f"{_MAX_HEADER_VALUE}"
+            )
+        result[name] = value
+    return result
