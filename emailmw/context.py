@@ -19,6 +19,7 @@ from emailmw.dispatch.handlers import ServiceHandler, SubscriptionHandler
 from emailmw.dispatch.polling import PollingManager
 from emailmw.errors import ContextError
 from emailmw.options import Options
+from emailmw.security import AdmissionPolicy
 from emailmw.stats import Stats, StatsCounters
 from emailmw.transport import EmailReceiver, EmailSender, create_transport
 from emailmw.waitable import Waitable, Waiter
@@ -88,7 +89,14 @@ class Context:
                 sender.close()
                 receiver.close()
                 raise
-            polling_manager = PollingManager(receiver, self._stats)
+            key = self._options.resolve_signing_key()
+            sender.set_signing_key(key)
+            admission = AdmissionPolicy(
+                key,
+                max_age=self._options.max_age,
+                allowed_senders=self._options.allowed_senders,
+            )
+            polling_manager = PollingManager(receiver, self._stats, admission)
             polling_manager.register_handler(self.subscription_handler)
             polling_manager.register_handler(self.service_handler)
             self._sender, self._receiver = sender, receiver

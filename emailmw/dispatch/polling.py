@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+from emailmw.security import AdmissionPolicy
 from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.data import EmailData
 from emailmw.transport.receiver import EmailReceiver
@@ -26,14 +27,22 @@ _ERROR_BACKOFF_MAX = 5.0
 class PollingManager:
     """Runs the receive loop on a named thread (``emailmw-poll``).
 
-    Each email is offered to every handler (a callable returning ``True`` when
-    it took the email). An email whose ``Message-ID`` was seen recently is
-    dropped as a duplicate. Exceptions from the receiver or a handler are
-    logged and never end the thread.
+    Each email is first checked by the admission policy (signature, replay,
+    allowed senders; see :mod:`emailmw.security`), then offered to every
+    handler (a callable returning ``True`` when it took the email). An email
+    whose ``Message-ID`` was seen recently is dropped as a duplicate.
+    Exceptions from the receiver or a handler are logged and never end the
+    thread.
     """
 
-    def __init__(self, receiver: EmailReceiver, stats: StatsCounters | None = None) -> None:
+    def __init__(
+        self,
+        receiver: EmailReceiver,
+        stats: StatsCounters | None = None,
+        admission: AdmissionPolicy | None = None,
+    ) -> None:
         self._receiver = receiver
+        self._admission = admission if admission is not None and admission.active else None
         self._stats = stats if stats is not None else StatsCounters()
         self._handlers: list[Handler] = []
         self._stop = threading.Event()
@@ -80,6 +89,17 @@ class PollingManager:
     def dispatch(self, email: EmailData) -> None:
         """Offer one email to the handlers (what the thread does for each email)."""
         message_id = email.message_id
+        if self._admission is not None:
+            reason = self._admission.check(email)
+            if reason is not None:
+                self._stats.drop(reason)
+                logger.warning(
+                    "dropping email %s from %r: %s",
+                    message_id[:100],
+                    email.from_[:100],
+                    reason.value,
+                )
+                return
         if message_id:
             seen = self._seen
             if message_id in seen:

@@ -48,14 +48,20 @@ class IntraEmailReceiver(EmailReceiver):
         self._dispatcher = dispatcher
         return True
 
-    def deliver(self, email: EmailData) -> str:
-        """Give ``email`` a new random Message-ID, then dispatch or queue it; return the id.
+    def new_message_id(self) -> str:
+        """A new Message-ID: a random per-receiver prefix and a counter (unique,
+        unguessable across runs, and cheap)."""
+        return f"<{self._prefix}.{next(self._counter)}@intraprocess>"
 
-        The id is a random per-receiver prefix and a counter: unique, unguessable
-        across runs, and cheap.
+    def deliver(self, email: EmailData) -> str:
+        """Dispatch or queue ``email``; return its Message-ID.
+
+        An email without a Message-ID gets a new random one here, as a mail
+        server's receiving end would stamp it.
         """
-        message_id = f"<{self._prefix}.{next(self._counter)}@intraprocess>"
-        email.message_id = message_id
+        if not email.message_id:
+            email.message_id = self.new_message_id()
+        message_id = email.message_id
         dispatcher = self._dispatcher
         queue = self._queue
         if dispatcher is not None and not queue and self._dispatch_lock.acquire(blocking=False):
@@ -122,7 +128,7 @@ class IntraEmailSender(EmailSender):
             from_=self._address,
             recipients=EmailRecipients(to=[self._address]),
         )
-        return self._receiver.deliver(email)
+        return self._hand_over(email)
 
     def reply(
         self, content: EmailContent, original: EmailData, headers: EmailHeaders | None = None
@@ -135,4 +141,10 @@ class IntraEmailSender(EmailSender):
             from_=self._address,
             recipients=EmailRecipients(to=[original.from_ or self._address]),
         )
+        return self._hand_over(email)
+
+    def _hand_over(self, email: EmailData) -> str:
+        if self._signing_key is not None:
+            email.message_id = self._receiver.new_message_id()
+            self._seal(email)
         return self._receiver.deliver(email)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 
+from emailmw.security import sign_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 
 __all__ = ["EmailSender"]
@@ -16,7 +17,22 @@ class EmailSender(abc.ABC):
     Both methods return only once the email was handed over (accepted by the
     SMTP server, or queued in memory), and return its ``Message-ID`` (with
     angle brackets), or raise a :class:`~emailmw.TransportError`.
+
+    With a signing key set (:meth:`set_signing_key`), implementations call
+    :meth:`_seal` on each email once its ``Message-ID`` is final and before it
+    leaves, which adds the ``Emailmw-Signature`` header.
     """
+
+    _signing_key: bytes | None = None
+
+    def set_signing_key(self, key: bytes | None) -> None:
+        """Sign every email sent from now on with ``key`` (``None``: stop signing)."""
+        self._signing_key = key
+
+    def _seal(self, email: EmailData) -> None:
+        key = self._signing_key
+        if key is not None:
+            sign_email(email, key)
 
     def connect(self) -> None:  # noqa: B027 - optional hook
         """Open connections eagerly so that configuration errors surface at ``init()``."""

@@ -1,0 +1,31 @@
+"""Shared fixtures: an intraprocess context per test, and (from tests/mailstack.py)
+the real Dovecot + Postfix dev server for the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import emailmw
+
+
+@pytest.fixture
+def ctx() -> Iterator[emailmw.Context]:
+    """A running intraprocess context, shut down after the test."""
+    context = emailmw.Context(emailmw.Options(intraprocess=True))
+    context.init()
+    try:
+        yield context
+    finally:
+        context.shutdown()
+
+
+@pytest.fixture
+def global_ctx() -> Iterator[emailmw.Context]:
+    """The global context, initialized intraprocess for one test."""
+    context = emailmw.init(emailmw.Options(intraprocess=True))
+    try:
+        yield context
+    finally:
+        emailmw.shutdown()
