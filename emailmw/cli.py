@@ -31,10 +31,14 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``emailmw`` command."""
-    parser = argparse.ArgumentParser(
-        prog="emailmw", description="Pub/sub and services over email."
+    parser = argparse.ArgumentParser(prog="emailmw", description="Pub/sub and services over email.")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default WARNING)",
     )
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="intraprocess pub/sub + service demo")
@@ -79,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from emailmw.errors import EmailmwError
 
@@ -90,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `emailmw demo | head`
+        sys.stdout = None  # nothing more can be written
+        return 141
 
 
 def _run(args: argparse.Namespace) -> int:

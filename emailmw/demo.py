@@ -33,7 +33,8 @@ def run_demo(out: TextIO, messages: int = 3) -> int:
             publisher.publish(text)
             say(f"published   {text!r}")
             received, info = wait_for_message_with_info(subscription, timeout=5.0)
-            latency_us = (info.received_timestamp.nanoseconds - info.source_timestamp.nanoseconds) / 1e3
+            elapsed_ns = info.received_timestamp.nanoseconds - info.source_timestamp.nanoseconds
+            latency_us = elapsed_ns / 1e3
             say(
                 f"received    {received!r} from publisher {info.publisher_gid.value} "
                 f"({latency_us:.0f} us after it was sent)"

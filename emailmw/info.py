@@ -54,9 +54,12 @@ _INT64_MAX = 2**63 - 1
 
 
 def _parse_decimal(text: str, lo: int, hi: int) -> int | None:
-    """Strict decimal parse: optional sign, ASCII digits only, within ``[lo, hi]``."""
-    text = text.strip()
-    body = text[1:] if text[:1] in ("-", "+") else text
+    """Strict decimal parse: an optional ``-``, ASCII digits only, within ``[lo, hi]``.
+
+    Surrounding white space (left by header folding) is ignored.
+    """
+    text = text.strip(" \t")
+    body = text[1:] if text[:1] == "-" else text
     if not body or not body.isascii() or not body.isdigit() or len(body) > 20:
         return None
     value = int(text)
@@ -121,7 +124,11 @@ def parse_sequence_number(text: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class MessageInfo:
-    """Metadata of a received pub/sub message."""
+    """Metadata of a received pub/sub message.
+
+    ``received_timestamp`` is when emailmw received and dispatched the email,
+    not when your code took the message from the subscription.
+    """
 
     source_timestamp: Timestamp
     received_timestamp: Timestamp
@@ -130,7 +137,10 @@ class MessageInfo:
 
 @dataclass(frozen=True, slots=True)
 class ServiceInfo:
-    """Metadata of a received service request or response."""
+    """Metadata of a received service request or response.
+
+    ``received_timestamp`` is when emailmw received and dispatched the email.
+    """
 
     source_timestamp: Timestamp
     received_timestamp: Timestamp

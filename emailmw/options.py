@@ -101,10 +101,10 @@ def parse_server_url(url: str, protocol: Literal["imap", "smtp"]) -> ServerAddre
     scheme = parts.scheme.lower()
     if scheme not in (protocol, protocol + "s"):
         raise ValueError(f"scheme must be {protocol}:// or {protocol}s://, got {parts.scheme}://")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"unexpected path or query in server URL {url!r}")
     if parts.username or parts.password:
         raise ValueError("put credentials in user.username/user.password, not in the URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"unexpected path or query in server URL {url!r}")
     host = parts.hostname
     if not host:
         raise ValueError(f"no host in server URL {url!r}")
@@ -112,8 +112,15 @@ def parse_server_url(url: str, protocol: Literal["imap", "smtp"]) -> ServerAddre
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"bad port in server URL {url!r}") from exc
+    if port == 0:
+        raise ValueError(f"port 0 in server URL {url!r}")
     default_port, tls = _DEFAULT_PORTS[scheme]
     return ServerAddress(scheme, host, port or default_port, tls)  # type: ignore[arg-type]
+
+
+def _check_address(address: str) -> None:
+    if "@" not in address or any(c in address for c in "\r\n\0<>, "):
+        raise ValueError(f"not an email address: {address!r}")
 
 
 def _as_list(value: Any) -> Any:
@@ -177,8 +184,7 @@ class RecipientsOptions(_Model):
     @classmethod
     def _check_addresses(cls, value: list[str]) -> list[str]:
         for address in value:
-            if "@" not in address or any(c in address for c in "\r\n\0<>, "):
-                raise ValueError(f"not an email address: {address!r}")
+            _check_address(address)
         return value
 
 
@@ -200,7 +206,7 @@ class Options(_Model):
 
     user: UserOptions | None = None
     recipients: RecipientsOptions = Field(default_factory=RecipientsOptions)
-    polling_period: int = Field(default=100_000_000, alias="polling-period", ge=0)
+    polling_period: int = Field(default=100_000_000, alias="polling-period", ge=0, strict=True)
     intraprocess: bool = False
     receive_mode: Literal["auto", "idle", "poll"] = Field(default="auto", alias="receive-mode")
     mailbox: str = "INBOX"
@@ -209,8 +215,10 @@ class Options(_Model):
     from_address: str | None = Field(default=None, alias="from")
     timeout: float = Field(default=10.0, gt=0)
     send_timeout: float = Field(default=30.0, alias="send-timeout", gt=0)
-    queue_depth: int = Field(default=10_000, alias="queue-depth", ge=1)
-    max_message_size: int = Field(default=25 * 1024 * 1024, alias="max-message-size", ge=1)
+    queue_depth: int = Field(default=10_000, alias="queue-depth", ge=1, strict=True)
+    max_message_size: int = Field(
+        default=25 * 1024 * 1024, alias="max-message-size", ge=1, strict=True
+    )
     signing_key: SecretStr | None = Field(default=None, alias="signing-key")
     signing_key_file: Path | None = Field(default=None, alias="signing-key-file")
     max_age: float = Field(default=24 * 3600.0, alias="max-age", gt=0)
@@ -220,6 +228,13 @@ class Options(_Model):
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return _as_list(value)
+
+    @field_validator("from_address")
+    @classmethod
+    def _check_from(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_address(value)
+        return value
 
     @field_validator("mailbox")
     @classmethod
@@ -290,7 +305,21 @@ class Options(_Model):
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}", path=source) from None
         logger.debug("loaded config from %s", source)
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(data, source=source)._relative_to(Path(source).parent)
+
+    def _relative_to(self, base: Path) -> Options:
+        """Resolve relative file paths in the config against ``base`` (the file's folder)."""
+
+        def fix(path: Path | None) -> Path | None:
+            return path if path is None or path.is_absolute() else base / path
+
+        return self.model_copy(
+            update={
+                "password_file": fix(self.password_file),
+                "signing_key_file": fix(self.signing_key_file),
+                "tls": self.tls.model_copy(update={"ca_file": fix(self.tls.ca_file)}),
+            }
+        )
 
     @classmethod
     def find_file(cls) -> Path | None:

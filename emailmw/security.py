@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from emailmw.info import (
     HEADER_CLIENT_GID,
@@ -44,7 +45,9 @@ from emailmw.info import (
     Timestamp,
 )
 from emailmw.stats import DropReason
-from emailmw.transport.data import EmailData
+
+if TYPE_CHECKING:
+    from emailmw.transport.data import EmailData
 
 __all__ = [
     "MAX_CLOCK_SKEW",

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 #: How many sent-but-unanswered requests a client remembers.
 MAX_PENDING_REQUESTS = 100_000
+#: A server keeps the requests it received but has not answered yet, up to
+#: ``max(2 * depth, MIN_UNANSWERED_KEPT)`` of them; older ones can no longer be answered.
+MIN_UNANSWERED_KEPT = 1_000
 
 
 def _service_headers(client_gid: Gid, sequence_number: int) -> EmailHeaders:
@@ -59,6 +62,7 @@ class ServiceClient(Waitable):
         "_context",
         "_depth",
         "_gid",
+        "_next_sequence_number",
         "_pending",
         "_responses",
         "_sequence",
@@ -74,6 +78,7 @@ class ServiceClient(Waitable):
         self._context._register_waitable(self)
         self._depth = _check_depth(depth, self._context)
         self._sequence = itertools.count(1)
+        self._next_sequence_number = 1
         self._pending: OrderedDict[int, None] = OrderedDict()
         self._responses: dict[int, tuple[str, ServiceInfo]] = {}
         self._closed = False
@@ -104,6 +109,7 @@ class ServiceClient(Waitable):
         context._check()
         sequence_number = next(self._sequence)
         with self._lock:
+            self._next_sequence_number = max(self._next_sequence_number, sequence_number + 1)
             self._pending[sequence_number] = None
             if len(self._pending) > MAX_PENDING_REQUESTS:
                 self._pending.popitem(last=False)
@@ -166,9 +172,14 @@ class ServiceClient(Waitable):
         counters = self._context.stats_counters
         with self._lock:
             if info.sequence_number not in self._pending:
-                counters.drop(DropReason.DUPLICATE)
+                # Numbers this client handed out already were answered before (or
+                # forgotten); any other number was never requested by this client.
+                issued = 0 < info.sequence_number < self._next_sequence_number
+                counters.drop(DropReason.DUPLICATE if issued else DropReason.UNMATCHED)
                 logger.debug(
-                    "dropping response %d: duplicate or not requested", info.sequence_number
+                    "dropping response %d: %s",
+                    info.sequence_number,
+                    "duplicate" if issued else "never requested",
                 )
                 return
             del self._pending[info.sequence_number]
@@ -292,7 +303,7 @@ class ServiceServer(Waitable):
             self._queue.append((request, info))
             self._originals[request_id] = email
             # Requests taken but never answered: keep their originals bounded too.
-            while len(self._originals) > 2 * self._depth:
+            while len(self._originals) > max(2 * self._depth, MIN_UNANSWERED_KEPT):
                 self._originals.popitem(last=False)
             for waiter in self._waiters:
                 waiter.set()

@@ -7,6 +7,7 @@ A timeout is seconds as ``float``/``int`` or a :class:`datetime.timedelta`.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from datetime import timedelta
 from typing import TypeAlias
@@ -28,7 +29,9 @@ def to_seconds(timeout: Timeout) -> float | None:
         raise TypeError(f"timeout must be seconds or a timedelta, got {type(timeout).__name__}")
     if math.isnan(seconds):
         raise ValueError("timeout must not be NaN")
-    return None if seconds < 0 else seconds
+    if seconds < 0 or seconds > threading.TIMEOUT_MAX:
+        return None  # negative, or longer than any lock can wait: forever
+    return seconds
 
 
 class Deadline:

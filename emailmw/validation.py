@@ -12,34 +12,58 @@ from collections.abc import Mapping
 from emailmw.errors import InvalidHeaderError, InvalidNameError
 from emailmw.info import METADATA_HEADERS
 
-__all__ = ["MAX_NAME_LENGTH", "RESERVED_HEADERS", "validate_headers", "validate_name"]
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "RESERVED_HEADERS",
+    "TRANSPORT_HEADERS",
+    "is_transport_header",
+    "validate_headers",
+    "validate_name",
+]
 
 #: Longest accepted topic or service name, in characters.
 MAX_NAME_LENGTH = 255
 
-#: Header names that emailmw or the mail transport set; user code may not.
-RESERVED_HEADERS = METADATA_HEADERS | frozenset(
+#: Headers that the codec writes itself or that mail servers add on the way.
+#: The codec refuses them in ``EmailData.headers`` and leaves them out of decoded
+#: headers (as it does every ``Content-*``, ``Resent-*`` and ``ARC-*`` header).
+TRANSPORT_HEADERS = frozenset(
     {
-        "subject",
         "from",
         "sender",
         "reply-to",
         "to",
         "cc",
         "bcc",
+        "subject",
         "date",
         "message-id",
         "in-reply-to",
         "references",
         "mime-version",
-        "content-type",
-        "content-transfer-encoding",
-        "content-disposition",
-        "return-path",
         "received",
-        "emailmw-signature",
+        "return-path",
+        "delivered-to",
+        "x-original-to",
+        "dkim-signature",
+        "domainkey-signature",
+        "authentication-results",
+        "received-spf",
     }
 )
+_TRANSPORT_PREFIXES = ("content-", "resent-", "arc-")
+
+
+#: Header names user code may not set: emailmw's metadata and signature headers,
+#: and every transport header (see :func:`is_transport_header`).
+RESERVED_HEADERS = METADATA_HEADERS | TRANSPORT_HEADERS | frozenset({"emailmw-signature"})
+
+
+def is_transport_header(name: str) -> bool:
+    """True for headers the codec or the mail servers own (see :data:`TRANSPORT_HEADERS`)."""
+    lower = name.lower()
+    return lower in TRANSPORT_HEADERS or lower.startswith(_TRANSPORT_PREFIXES)
+
 
 # RFC 5322 field-name: printable US-ASCII except ":" (and we refuse space).
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
@@ -93,7 +117,7 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
         if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
             raise InvalidHeaderError(f"invalid header name {name!r}")
         lower = name.lower()
-        if lower in RESERVED_HEADERS:
+        if lower in RESERVED_HEADERS or is_transport_header(lower):
             raise InvalidHeaderError(f"header {name!r} is reserved and set by emailmw")
         if lower in seen:
             raise InvalidHeaderError(f"header {name!r} given twice (names are case-insensitive)")

@@ -104,16 +104,18 @@ def block_until(
     forever (already normalized); ``0`` makes exactly one attempt. Returns
     ``None`` on timeout.
     """
+    extra = list(contexts)
+    for ctx in extra:
+        ctx._check()
     result = attempt()
     if result is not None or timeout == 0:
         return result
     items = list(waitables)
-    extra = list(contexts)
-    ctxs = {*extra}
+    ctxs: set[Context] = {*extra}
     for item in items:
-        ctx = item._waitable_context
-        if ctx is not None:
-            ctxs.add(ctx)
+        owner = item._waitable_context
+        if owner is not None:
+            ctxs.add(owner)
     waiter = Waiter()
     for item in items:
         item._attach(waiter)

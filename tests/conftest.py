@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from mailstack import dev_mailbox, dev_server  # noqa: F401  (fixtures)
 
 import emailmw
 

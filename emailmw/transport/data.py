@@ -64,6 +64,8 @@ class EmailHeaders(MutableMapping[str, str]):
                 k: v for k, (_, v) in other._items.items()
             }
         if isinstance(other, Mapping):
+            if not all(isinstance(name, str) for name in other):
+                return False
             return self == EmailHeaders(other)
         return NotImplemented
 

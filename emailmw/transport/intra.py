@@ -85,7 +85,9 @@ class IntraEmailReceiver(EmailReceiver):
         dispatch lock, and the list returned is empty.
         """
         queue = self._queue
-        if not queue and not self._interrupted:
+        if queue or self._interrupted:
+            self._wakeup.wait(0)  # consume the wake-up left for what is taken now
+        else:
             self._wakeup.wait(timeout)
         self._interrupted = False
         dispatcher = self._dispatcher

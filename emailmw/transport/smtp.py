@@ -1,0 +1,550 @@
+"""Sending over SMTP: :class:`SmtpEmailSender`.
+
+One persistent :mod:`smtplib` connection, opened by :meth:`~SmtpEmailSender.connect`
+(or the first send) and shared by every thread under a lock.
+
+* TLS: ``smtps://`` is implicit TLS; ``smtp://`` upgrades with STARTTLS whenever
+  the server offers it and stays plain otherwise. Certificates are verified
+  against ``tls.ca-file`` (or the system CAs) unless ``tls.verify`` is false.
+* AUTH only when a username and a password are configured, with one mechanism
+  (PLAIN, else LOGIN, else whatever :mod:`smtplib` picks), and never in plain
+  text to a host that is not loopback unless ``tls.allow-insecure`` is set.
+* Failures while sending: when the connection drops (server gone, reset,
+  timeout, 421, any other 4xx), reconnect and re-send the very same bytes (same
+  ``Message-ID``, so receivers can drop duplicates) with exponential backoff
+  (50 ms doubling to 2 s, with jitter) until ``send-timeout`` has passed;
+  then raise :class:`~emailmw.SmtpError`. A 5xx rejection (message too big,
+  recipient unknown) raises at once. Each network operation is bounded by
+  ``timeout``, so a send may outlast ``send-timeout`` by at most one of them.
+* A connection idle for more than 30 s is checked with NOOP before use (servers
+  close idle clients); otherwise sending is tried directly.
+* With a signing key (:meth:`~emailmw.transport.sender.EmailSender.set_signing_key`)
+  every email is signed once its ``Message-ID`` is final, before encoding.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import re
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from emailmw.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    SmtpError,
+    TlsError,
+    TransportError,
+)
+from emailmw.options import Options
+from emailmw.stats import StatsCounters
+from emailmw.transport.codec import encode_email, new_message_id, parse_address
+from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
+from emailmw.transport.sender import EmailSender
+
+__all__ = ["SmtpEmailSender"]
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.05
+_BACKOFF_MAX = 2.0
+_IDLE_CHECK_AFTER = 30.0
+_QUIT_TIMEOUT = 2.0
+_MIN_STEP_TIMEOUT = 0.5  # a last attempt at the deadline still gets this long per step
+_AUTH_PREFERENCE = ("PLAIN", "LOGIN")
+
+
+def _is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether a failure is worth a reconnect and a retry (see the module docstring)."""
+    if isinstance(exc, TransportError | ssl.SSLCertVerificationError):
+        return False
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return bool(codes) and all(400 <= code < 500 for code in codes)
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return False
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return 400 <= exc.smtp_code < 500
+    return isinstance(exc, smtplib.SMTPServerDisconnected | OSError)
+
+
+def _reply_text(message: bytes | str) -> str:
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return " ".join(text.split())
+
+
+class SmtpEmailSender(EmailSender):
+    """Sends emails over one persistent SMTP connection (thread-safe).
+
+    ``From`` is ``options.from_address``, else the username if it is an
+    address, else ``username@host``; ``Message-ID`` domains are the From
+    address's domain. New emails go to ``options.recipients`` (To and Cc
+    headers; the envelope also holds Bcc); replies go to the original's
+    ``From``. Stats counters: ``sent``, ``send_retries``, ``send_failures``,
+    ``reconnects``.
+    """
+
+    def __init__(self, options: Options, stats: StatsCounters | None = None) -> None:
+        if options.user is None:
+            raise ConfigError("SMTP needs email.user (url-smtp, username, ...)", key="email.user")
+        self._options = options
+        self._stats = stats
+        self._address = options.user.smtp
+        host = f"[{self._address.host}]" if ":" in self._address.host else self._address.host
+        self._server = f"{host}:{self._address.port}"
+        self._label = str(self._address)
+        username = options.user.username
+        if options.from_address:
+            self._from = options.from_address
+        elif "@" in username:
+            self._from = username
+        else:
+            self._from = f"{username or 'emailmw'}@{self._address.host}"
+        self._envelope_from = parse_address(self._from)
+        self._domain = self._envelope_from.rpartition("@")[2] or "localhost"
+        self._recipients = options.recipients
+        self._envelope = EmailRecipients(
+            to=list(options.recipients.to),
+            cc=list(options.recipients.cc),
+            bcc=list(options.recipients.bcc),
+        ).all()
+        self._hostname = socket.gethostname()
+        self._context = self._tls_context(options)
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._conn: smtplib.SMTP | None = None
+        self._ever_connected = False
+        self._last_used = 0.0
+        self._tls_mode = "none"
+        self._authenticated = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def from_address(self) -> str:
+        """The ``From`` of every email this sender sends."""
+        return self._from
+
+    def connect(self) -> None:
+        """Open the connection now (STARTTLS/TLS and AUTH included).
+
+        Raises :class:`~emailmw.ConnectError` (refused, unreachable, silent for
+        ``timeout``), :class:`~emailmw.TlsError`, :class:`~emailmw.AuthenticationError`
+        or :class:`~emailmw.SmtpError`, each naming the server.
+        """
+        with self._lock:
+            self._check_open()
+            if self._conn is None:
+                self._connect_or_raise()
+
+    def send(self, content: EmailContent, headers: EmailHeaders | None = None) -> str:
+        """Send a new email to the configured recipients; return its Message-ID.
+
+        ``headers`` is not modified. Raises :class:`ValueError` if the content or
+        headers cannot go into an email (see :func:`~emailmw.transport.codec.encode_email`).
+        """
+        email = EmailData(
+            content=content,
+            headers=headers.copy() if headers is not None else EmailHeaders(),
+            message_id=new_message_id(self._domain),
+            from_=self._from,
+            recipients=EmailRecipients(to=list(self._recipients.to), cc=list(self._recipients.cc)),
+        )
+        self._seal(email)
+        return self._deliver(encode_email(email), self._envelope, email.message_id)
+
+    def reply(
+        self, content: EmailContent, original: EmailData, headers: EmailHeaders | None = None
+    ) -> str:
+        """Reply to ``original``: to its ``From``, ``In-Reply-To``/``References`` its Message-ID."""
+        to = parse_address(original.from_) if original.from_ else ""
+        if not to:
+            raise ValueError("cannot reply to an email that has no From address")
+        email = EmailData(
+            content=content,
+            headers=headers.copy() if headers is not None else EmailHeaders(),
+            message_id=new_message_id(self._domain),
+            in_reply_to=original.message_id or None,
+            from_=self._from,
+            recipients=EmailRecipients(to=[to]),
+        )
+        self._seal(email)
+        return self._deliver(encode_email(email), [to], email.message_id)
+
+    def send_raw(self, raw: bytes, recipients: list[str] | None = None) -> str:
+        """Send an already encoded RFC 5322 email as it is (for ``emailmw send-raw``).
+
+        Goes to ``recipients`` (default: the configured To, Cc and Bcc); line
+        endings become CRLF. Returns the email's ``Message-ID`` header, or ``""``.
+        Not signed. Retries and errors as for :meth:`send`.
+        """
+        if not raw.strip():
+            raise ValueError("refusing to send an empty email")
+        data = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        header_block = data.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
+        match = re.search(r"(?im)^message-id:[ \t]*(<[^<>\s]+>)", header_block)
+        message_id = match.group(1) if match else ""
+        envelope = list(recipients) if recipients is not None else self._envelope
+        if not envelope:
+            raise ValueError("no recipients: configure email.recipients or pass recipients")
+        self._deliver(data, envelope, message_id or "(raw email)")
+        return message_id
+
+    def probe(self) -> dict[str, Any]:
+        """Connect if needed and describe the server (for ``emailmw check-config``)."""
+        with self._lock:
+            self._check_open()
+            conn = self._conn if self._conn is not None else self._connect_or_raise()
+            sock = conn.sock
+            tls_version = sock.version() if isinstance(sock, ssl.SSLSocket) else None
+            cipher = sock.cipher() if isinstance(sock, ssl.SSLSocket) else None
+            features = dict(conn.esmtp_features)
+            size = features.get("size", "").strip()
+            return {
+                "server": self._label,
+                "from": self._from,
+                "tls": self._tls_mode,
+                "tls_version": tls_version,
+                "cipher": cipher[0] if cipher else None,
+                "certificate_verified": tls_version is not None and self._options.tls.verify,
+                "authenticated": self._authenticated,
+                "auth_mechanisms": features.get("auth", "").split(),
+                "max_message_size": int(size) if size.isdigit() and int(size) > 0 else None,
+                "esmtp_features": features,
+            }
+
+    def close(self) -> None:
+        """Say QUIT and drop the connection. Idempotent; the sender cannot be used afterwards."""
+        self._closing.set()
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                _set_timeout(conn, min(_QUIT_TIMEOUT, self._options.timeout))
+                conn.quit()
+            except (OSError, smtplib.SMTPException):
+                conn.close()
+            logger.debug("closed SMTP connection to %s", self._label)
+
+    # ------------------------------------------------------------------ sending
+
+    def _count(self, name: str) -> None:
+        if self._stats is not None:
+            self._stats.add(name)
+
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise SmtpError(f"the SMTP sender for {self._label} is closed", server=self._server)
+
+    def _fail(self, message: str) -> SmtpError:
+        """Count a failed send and make its error."""
+        self._count("send_failures")
+        return SmtpError(message, server=self._server)
+
+    def _deliver(self, data: bytes, envelope: list[str], message_id: str) -> str:
+        """Hand ``data`` to the server (with retries, see the module docstring)."""
+        limit = self._options.max_message_size
+        if len(data) > limit:
+            raise self._fail(
+                f"email of {len(data)} bytes exceeds max-message-size ({limit} bytes); "
+                f"not sent to {self._label}"
+            )
+        start = time.monotonic()
+        deadline = start + self._options.send_timeout
+        if not self._lock.acquire(timeout=self._options.send_timeout):
+            raise self._fail(
+                f"sending to {self._label} timed out after {self._options.send_timeout:g} s "
+                "waiting for the connection"
+            )
+        try:
+            self._send_with_retries(data, envelope, message_id, start, deadline)
+        finally:
+            self._lock.release()
+        self._count("sent")
+        return message_id
+
+    def _send_with_retries(
+        self, data: bytes, envelope: list[str], message_id: str, start: float, deadline: float
+    ) -> None:
+        delay = _BACKOFF_START
+        attempts = 0
+        while True:
+            if self._closing.is_set():
+                raise self._fail(f"the SMTP sender for {self._label} was closed; not sent")
+            attempts += 1
+            try:
+                conn = self._usable_connection(deadline)
+                refused = conn.sendmail(self._envelope_from, envelope, data)
+                self._last_used = time.monotonic()
+            except (OSError, smtplib.SMTPException, TransportError) as exc:
+                if not _retryable(exc):
+                    if _connection_lost(self._conn):
+                        self._drop()
+                    error = self._translate(exc, sending=True)
+                    self._count("send_failures")
+                    raise error from exc
+                self._drop()
+                now = time.monotonic()
+                if now >= deadline:
+                    raise self._fail(
+                        f"sending {message_id} to {self._label} failed after {attempts} "
+                        f"attempt(s) in {now - start:.1f} s: {self._describe(exc)}"
+                    ) from exc
+                pause = min(delay * random.uniform(0.5, 1.5), deadline - now)
+                logger.warning(
+                    "sending %s to %s failed (%s); retrying in %.2f s",
+                    message_id,
+                    self._label,
+                    self._describe(exc),
+                    pause,
+                )
+                self._count("send_retries")
+                self._closing.wait(pause)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
+            if refused:
+                logger.warning(
+                    "%s accepted %s but refused some recipients: %s",
+                    self._label,
+                    message_id,
+                    ", ".join(f"{r} ({c} {_reply_text(m)})" for r, (c, m) in refused.items()),
+                )
+            return
+
+    def _usable_connection(self, deadline: float) -> smtplib.SMTP:
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            if time.monotonic() - self._last_used <= _IDLE_CHECK_AFTER:
+                return conn
+            try:
+                code, _ = conn.noop()
+                if code == 250:
+                    self._last_used = time.monotonic()
+                    return conn
+            except (OSError, smtplib.SMTPException):
+                pass
+            logger.debug("idle SMTP connection to %s is gone; reconnecting", self._label)
+        self._drop()
+        return self._open(deadline)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # ------------------------------------------------------------------ connecting
+
+    @staticmethod
+    def _tls_context(options: Options) -> ssl.SSLContext:
+        ca_file = options.tls.ca_file
+        try:
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"email.tls.ca-file: cannot load CA certificates from {ca_file}: {exc}",
+                key="email.tls.ca-file",
+            ) from None
+        if not options.tls.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            logger.warning(
+                "TLS certificate verification is disabled (tls.verify: false) for %s",
+                options.user.url_smtp if options.user else "SMTP",
+            )
+        return context
+
+    def _connect_or_raise(self) -> smtplib.SMTP:
+        """Open the connection (lock held); translate every failure."""
+        try:
+            return self._open(time.monotonic() + self._options.timeout)
+        except TransportError:
+            raise
+        except (OSError, smtplib.SMTPException) as exc:
+            raise self._translate(exc, sending=False) from exc
+
+    def _open(self, deadline: float) -> smtplib.SMTP:
+        """Connect, greet, STARTTLS, AUTH; store and return the connection (lock held)."""
+
+        def remaining() -> float:
+            left = max(deadline - time.monotonic(), _MIN_STEP_TIMEOUT)
+            return min(self._options.timeout, left)
+
+        address = self._address
+        conn: smtplib.SMTP
+        # The constructor connects and reads the greeting (SMTPConnectError unless 220).
+        # Passing local_hostname keeps smtplib from a slow reverse DNS lookup (getfqdn).
+        if address.tls == "implicit":
+            conn = smtplib.SMTP_SSL(
+                address.host,
+                address.port,
+                local_hostname="localhost",
+                timeout=remaining(),
+                context=self._context,
+            )
+        else:
+            conn = smtplib.SMTP(
+                address.host, address.port, local_hostname="localhost", timeout=remaining()
+            )
+        try:
+            conn.local_hostname = self._ehlo_name(conn.sock)
+            _set_timeout(conn, remaining())
+            conn.ehlo_or_helo_if_needed()
+            tls_mode = "implicit" if address.tls == "implicit" else "none"
+            if tls_mode == "none" and conn.has_extn("starttls"):
+                _set_timeout(conn, remaining())
+                try:
+                    conn.starttls(context=self._context)
+                except smtplib.SMTPResponseException as exc:
+                    raise TlsError(
+                        f"{self._label} refused STARTTLS: {exc.smtp_code} "
+                        f"{_reply_text(exc.smtp_error)}",
+                        server=self._server,
+                    ) from exc
+                conn.ehlo()
+                tls_mode = "starttls"
+            self._authenticate(conn, tls_mode != "none", remaining)
+        except BaseException:
+            conn.close()
+            raise
+        _set_timeout(conn, self._options.timeout)
+        if self._ever_connected:
+            self._count("reconnects")
+        self._ever_connected = True
+        self._conn = conn
+        self._tls_mode = tls_mode
+        self._last_used = time.monotonic()
+        logger.debug(
+            "connected to %s (tls: %s, auth: %s)", self._label, tls_mode, self._authenticated
+        )
+        return conn
+
+    def _authenticate(
+        self, conn: smtplib.SMTP, encrypted: bool, remaining: Callable[[], float]
+    ) -> None:
+        username = self._options.user.username if self._options.user else ""
+        password = self._options.resolve_password()
+        self._authenticated = False
+        if not username or password is None:
+            return
+        if not encrypted and not _is_loopback(self._address.host):
+            if not self._options.tls.allow_insecure:
+                raise TlsError(
+                    f"refusing to send the password in plain text to {self._label}: the server "
+                    "does not offer STARTTLS (use smtps://, or set tls.allow-insecure: true)",
+                    server=self._server,
+                )
+            logger.warning("sending the SMTP password unencrypted to %s", self._label)
+        if not conn.has_extn("auth"):
+            raise SmtpError(
+                f"{self._label} does not offer AUTH, but a username and password are "
+                "configured (remove the password to send without AUTH)",
+                server=self._server,
+            )
+        offered = conn.esmtp_features.get("auth", "").upper().split()
+        _set_timeout(conn, remaining())
+        for mechanism in _AUTH_PREFERENCE:
+            if mechanism in offered:
+                conn.user, conn.password = username, password
+                try:
+                    conn.auth(mechanism, getattr(conn, f"auth_{mechanism.lower()}"))
+                finally:
+                    conn.password = ""
+                break
+        else:
+            conn.login(username, password)
+        self._authenticated = True
+
+    def _ehlo_name(self, sock: socket.socket | None) -> str:
+        """A fully qualified host name, else the local address as an address literal."""
+        if "." in self._hostname and self._hostname.isascii():
+            return self._hostname
+        try:
+            local = ipaddress.ip_address(sock.getsockname()[0]) if sock else None
+        except (OSError, ValueError):
+            local = None
+        if local is None:
+            return "localhost"
+        return f"[{local}]" if local.version == 4 else f"[IPv6:{local}]"
+
+    # ------------------------------------------------------------------ errors
+
+    def _describe(self, exc: BaseException) -> str:
+        """A short cause for log lines and error messages (never a password)."""
+        exc = _underlying(exc)
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            return "; ".join(
+                f"{rcpt}: {code} {_reply_text(msg)}" for rcpt, (code, msg) in exc.recipients.items()
+            )
+        if isinstance(exc, smtplib.SMTPResponseException):
+            return f"{exc.smtp_code} {_reply_text(exc.smtp_error)}"
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self._options.timeout:g} s"
+        if isinstance(exc, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"certificate verification failed: {exc.verify_message or exc.reason}"
+        if isinstance(exc, OSError) and exc.strerror:
+            return exc.strerror
+        return str(exc) or type(exc).__name__
+
+    def _translate(self, exc: BaseException, *, sending: bool) -> TransportError:
+        """The emailmw exception for a lower-level one."""
+        if isinstance(exc, TransportError):
+            return exc
+        cause = self._describe(exc)
+        exc = _underlying(exc)
+        label, server = self._label, self._server
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return TlsError(f"TLS with {label} failed: {cause}", server=server)
+        if isinstance(exc, ssl.SSLError):
+            return TlsError(f"TLS handshake with {label} failed: {cause}", server=server)
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            return AuthenticationError(
+                f"{label} rejected the username or password: {cause}", server=server
+            )
+        if sending and isinstance(exc, smtplib.SMTPException):
+            return SmtpError(f"{label} rejected the email: {cause}", server=server)
+        if isinstance(exc, TimeoutError):
+            return ConnectError(f"{label} did not answer: {cause}", server=server)
+        if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPConnectError):
+            return ConnectError(f"{label} closed the connection: {cause}", server=server)
+        if isinstance(exc, OSError):
+            return ConnectError(f"cannot connect to {label}: {cause}", server=server)
+        return SmtpError(f"SMTP with {label} failed: {cause}", server=server)
+
+
+def _underlying(exc: BaseException) -> BaseException:
+    """smtplib turns a socket error while reading a reply into SMTPServerDisconnected;
+    the socket error (a timeout, a reset) says more."""
+    if isinstance(exc, smtplib.SMTPServerDisconnected) and isinstance(exc.__context__, OSError):
+        return exc.__context__
+    return exc
+
+
+def _set_timeout(conn: smtplib.SMTP, seconds: float) -> None:
+    if conn.sock is not None:
+        conn.sock.settimeout(seconds)
+
+
+def _connection_lost(conn: smtplib.SMTP | None) -> bool:
+    return conn is not None and conn.sock is None
