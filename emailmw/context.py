@@ -81,6 +81,7 @@ class Context:
         with self._lock:
             if self._state is not ContextState.CREATED:
                 raise ContextError(f"cannot init a context that is {self._state.value}")
+            key = self._options.resolve_signing_key()  # a ConfigError before any connection
             sender, receiver = create_transport(self._options, self._stats)
             try:
                 sender.connect()
@@ -89,7 +90,6 @@ class Context:
                 sender.close()
                 receiver.close()
                 raise
-            key = self._options.resolve_signing_key()
             sender.set_signing_key(key)
             admission = AdmissionPolicy(
                 key,

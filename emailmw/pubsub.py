@@ -58,7 +58,6 @@ class Publisher:
         headers[HEADER_SOURCE_TIMESTAMP] = str(time.time_ns())
         headers[HEADER_PUBLISHER_GID] = self._gid_text
         context.sender.send(EmailContent(self._topic_name, message), headers)
-        context.stats_counters.add("sent")
 
     def __repr__(self) -> str:
         return f"<Publisher {self._topic_name!r} gid={self._gid.value}>"

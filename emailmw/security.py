@@ -135,7 +135,10 @@ class AdmissionPolicy:
                 self._addresses.add(entry)
             else:
                 self._domains.add(entry.lstrip("@"))
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        # Message-ID -> (accepted at, Source-Timestamp in ns)
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        # emails stamped at or before this were pushed out of memory unexpired: refused
+        self._floor_ns: int | None = None
         self._lock = threading.Lock()
 
     @property
@@ -170,15 +173,24 @@ class AdmissionPolicy:
             age = now - stamp.nanoseconds / 1e9
             if age > self._max_age or age < -MAX_CLOCK_SKEW:
                 return DropReason.REPLAY
-        if not email.message_id:
-            return DropReason.REPLAY
+        if not email.message_id or stamp is None:
+            return DropReason.REPLAY  # freshness cannot be shown
         with self._lock:
             seen = self._seen
             if email.message_id in seen:
                 return DropReason.REPLAY
-            seen[email.message_id] = now
-            # Forget ids older than max-age: a replay of those fails the age check.
+            if self._floor_ns is not None and stamp.nanoseconds <= self._floor_ns:
+                return DropReason.REPLAY
+            seen[email.message_id] = (now, stamp.nanoseconds)
+            # Forget ids older than max-age: a replay of those fails the age check. An id
+            # forgotten earlier (memory full) raises the floor instead.
             horizon = now - self._max_age - MAX_CLOCK_SKEW
-            while seen and (len(seen) > REPLAY_WINDOW or next(iter(seen.values())) < horizon):
+            while seen:
+                accepted, stamped = next(iter(seen.values()))
+                if len(seen) > REPLAY_WINDOW:
+                    floor = self._floor_ns
+                    self._floor_ns = stamped if floor is None else max(floor, stamped)
+                elif accepted >= horizon:
+                    break
                 seen.popitem(last=False)
         return None

@@ -122,7 +122,6 @@ class ServiceClient(Waitable):
             with self._lock:
                 self._pending.pop(sequence_number, None)
             raise
-        context.stats_counters.add("sent")
         return sequence_number
 
     def has_response(self, sequence_number: int | None = None) -> bool:
@@ -168,7 +167,8 @@ class ServiceClient(Waitable):
     def _is_ready(self) -> bool:
         return self.has_response()
 
-    def _push_response(self, message: str, info: ServiceInfo) -> None:
+    def _push_response(self, message: str, info: ServiceInfo) -> bool:
+        """Keep a response; False if it was dropped (a duplicate, or never requested)."""
         counters = self._context.stats_counters
         with self._lock:
             if info.sequence_number not in self._pending:
@@ -176,12 +176,7 @@ class ServiceClient(Waitable):
                 # forgotten); any other number was never requested by this client.
                 issued = 0 < info.sequence_number < self._next_sequence_number
                 counters.drop(DropReason.DUPLICATE if issued else DropReason.UNMATCHED)
-                logger.debug(
-                    "dropping response %d: %s",
-                    info.sequence_number,
-                    "duplicate" if issued else "never requested",
-                )
-                return
+                return False
             del self._pending[info.sequence_number]
             if len(self._responses) >= self._depth:
                 del self._responses[next(iter(self._responses))]
@@ -190,6 +185,7 @@ class ServiceClient(Waitable):
             for waiter in self._waiters:
                 waiter.set()
         counters.add("delivered")
+        return True
 
 
 class ServiceServer(Waitable):
@@ -269,7 +265,6 @@ class ServiceServer(Waitable):
             with self._lock:
                 self._originals[request_id] = original
             raise
-        context.stats_counters.add("sent")
 
     def close(self) -> None:
         """Stop receiving requests. Idempotent."""

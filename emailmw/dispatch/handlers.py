@@ -59,7 +59,7 @@ class RequestSink(Protocol):
 class ResponseSink(Protocol):
     """What a service client offers the service handler."""
 
-    def _push_response(self, message: str, info: ServiceInfo) -> None: ...
+    def _push_response(self, message: str, info: ServiceInfo) -> bool: ...
 
 
 class EmailHandler:
@@ -192,7 +192,12 @@ class ServiceHandler(EmailHandler):
             client = self._clients.get(gid.value)
             if client is None:
                 return False
-            client._push_response(email.content.body, info)
+            if not client._push_response(email.content.body, info):
+                logger.debug(
+                    "dropping response %s (sequence number %d): not pending at its client",
+                    email.message_id[:100],
+                    sequence_number,
+                )
             return True
         servers = self._servers.get(email.content.subject, ())
         if not servers:

@@ -109,14 +109,18 @@ class PollingManager:
             seen[message_id] = None
             if len(seen) > DEDUP_WINDOW:
                 seen.popitem(last=False)
-        taken = False
         for handler in self._handlers:
             try:
-                taken = handler(email) or taken
+                if handler(email):
+                    return  # one email, one owner: it is delivered (or counted) once
             except Exception:
                 logger.exception("handler %r failed on email %s", handler, message_id)
-        if not taken:
-            self._stats.drop(DropReason.UNMATCHED)
+        self._stats.drop(DropReason.UNMATCHED)
+        logger.debug(
+            "no subscription, server or client for email %s (subject %r)",
+            message_id[:100],
+            email.content.subject[:80],
+        )
 
     def _run(self) -> None:
         logger.debug("polling thread started")

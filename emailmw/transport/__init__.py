@@ -33,7 +33,7 @@ def create_transport(
     """The sender and receiver that ``options`` asks for (not yet connected)."""
     if options.intraprocess:
         receiver = IntraEmailReceiver()
-        return IntraEmailSender(receiver), receiver
+        return IntraEmailSender(receiver, stats=stats), receiver
     from emailmw.transport.imap import ImapEmailReceiver
     from emailmw.transport.smtp import SmtpEmailSender
 

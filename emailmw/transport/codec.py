@@ -104,6 +104,7 @@ _MSG_ID = re.compile(r"<[!-;=?-~]+>")  # printable ASCII, no "<" or ">"
 _DOMAIN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.:\[\]-]+")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _LINE_LIMIT = 78  # RFC 5322 "SHOULD" line length
 _WORD_LINE_LIMIT = 76  # RFC 2047 limit for lines holding encoded words
 _WORD_MAX_BYTES = 39  # 52 base64 characters: a 64-character encoded word
@@ -339,7 +340,11 @@ def _charset_decode(data: bytes, charset: str | None) -> str:
     name = (charset or "utf-8").strip().lower()
     if name in ("us-ascii", "ascii", "utf8"):
         name = "utf-8"  # tolerate 8-bit UTF-8 labelled as ASCII
-    return data.decode(name)
+    text = data.decode(name)
+    match = _SURROGATE.search(text)
+    if match is not None:  # utf-7, unicode-escape, ... can make them; no str we send can
+        raise ValueError(f"{name} text decodes to a lone surrogate at index {match.start()}")
+    return text
 
 
 def _decode_words(raw: str) -> str:
@@ -478,7 +483,7 @@ def _decode_emailmw(raw: bytes, body: bytes, fields: list[tuple[str, bytes]]) ->
                 raise MalformedEmailError(f"metadata header {name} appears more than once")
             text = _decode_value(value, strict=True)
             if _METADATA_VALIDATORS[lower](text) is None:
-                raise MalformedEmailError(f"invalid {name} value {text!r}")
+                raise MalformedEmailError(f"invalid {name} value {text[:40]!r}")
             headers[name] = text
         elif lower in _SINGLE_HEADERS:
             if lower in standard:

@@ -11,11 +11,15 @@ import itertools
 import secrets
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.receiver import Dispatcher, EmailReceiver
 from emailmw.transport.sender import EmailSender
 from emailmw.waitable import Waiter
+
+if TYPE_CHECKING:
+    from emailmw.stats import StatsCounters
 
 __all__ = ["INTRAPROCESS_ADDRESS", "IntraEmailReceiver", "IntraEmailSender"]
 
@@ -118,9 +122,15 @@ class IntraEmailSender(EmailSender):
     Takes ownership of the ``headers`` it is given.
     """
 
-    def __init__(self, receiver: IntraEmailReceiver, address: str = INTRAPROCESS_ADDRESS) -> None:
+    def __init__(
+        self,
+        receiver: IntraEmailReceiver,
+        address: str = INTRAPROCESS_ADDRESS,
+        stats: StatsCounters | None = None,
+    ) -> None:
         self._receiver = receiver
         self._address = address
+        self._stats = stats
 
     def send(self, content: EmailContent, headers: EmailHeaders | None = None) -> str:
         """Hand a new email to the receiver; return its Message-ID."""
@@ -149,4 +159,6 @@ class IntraEmailSender(EmailSender):
         if self._signing_key is not None:
             email.message_id = self._receiver.new_message_id()
             self._seal(email)
+        if self._stats is not None:
+            self._stats.add("sent")  # before delivering: it may be dispatched right away
         return self._receiver.deliver(email)

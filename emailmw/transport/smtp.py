@@ -467,11 +467,23 @@ class SmtpEmailSender(EmailSender):
                 conn.user, conn.password = username, password
                 try:
                     conn.auth(mechanism, getattr(conn, f"auth_{mechanism.lower()}"))
+                except UnicodeError:  # never chain it: it holds the credentials
+                    raise AuthenticationError(
+                        f"{self._label}: cannot send a non-ASCII username or password "
+                        f"with AUTH {mechanism}",
+                        server=self._server,
+                    ) from None
                 finally:
                     conn.password = ""
                 break
         else:
-            conn.login(username, password)
+            try:
+                conn.login(username, password)
+            except UnicodeError:
+                raise AuthenticationError(
+                    f"{self._label}: cannot send a non-ASCII username or password",
+                    server=self._server,
+                ) from None
         self._authenticated = True
 
     def _ehlo_name(self, sock: socket.socket | None) -> str:
