@@ -71,7 +71,9 @@ class Context:
         self._sender: EmailSender | None = None
         self._receiver: EmailReceiver | None = None
         self._polling_manager: PollingManager | None = None
-        self.subscription_handler = SubscriptionHandler(self._stats)
+        self.subscription_handler = SubscriptionHandler(
+            self._stats, reorder_window=self._options.reorder_window
+        )
         self.service_handler = ServiceHandler(self._stats)
 
     # -- lifecycle -----------------------------------------------------------------

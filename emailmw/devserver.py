@@ -1141,9 +1141,14 @@ maximal_backoff_time = 2s
         """The content of an emailmw config file (``email.yml``) for ``account``.
 
         ``tls="starttls"``: ``smtp://`` and ``imap://`` URLs (STARTTLS on the
-        plain ports); ``tls="implicit"``: ``smtps://`` and ``imaps://``.
+        plain ports); ``tls="implicit"``: ``smtps://`` and ``imaps://``. With a
+        ``mailbox`` other than ``INBOX`` (a folder of :meth:`new_mailbox`),
+        ``from`` and the default ``to`` are that folder's address, so that what
+        the context sends, and the replies to it (service responses), land in it.
         """
         acct = self._resolve(account)
+        own = acct.address if mailbox == "INBOX" else f"{acct.name}+{mailbox}@{self._domain}"
+        extra = {} if own == acct.address else {"from": own}
         if tls == "starttls":
             smtp = f"smtp://{self.host}:{self.smtp_port}"
             imap = f"imap://{self.host}:{self.imap_port}"
@@ -1156,7 +1161,8 @@ maximal_backoff_time = 2s
         return {
             "email": {
                 "user": {**user, "password": acct.password},
-                "recipients": {"to": to or acct.address},
+                **extra,
+                "recipients": {"to": to or own},
                 "polling-period": polling_period_ns,
                 "receive-mode": receive_mode,
                 "mailbox": mailbox,

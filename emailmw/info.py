@@ -10,6 +10,9 @@ header                      value
 ``Publisher-GID``           unsigned 32-bit integer, decimal (messages)
 ``Client-GID``              unsigned 32-bit integer, decimal (services)
 ``Request-Sequence-Number`` signed 64-bit integer, decimal (services)
+``Publication-Number``      1, 2, 3, ... per publisher (messages; emailmw only)
+``Previous-Timestamp``      the ``Source-Timestamp`` of the publisher's previous
+                            message (messages after the first; emailmw only)
 =========================== ============================================
 """
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "HEADER_CLIENT_GID",
+    "HEADER_PREVIOUS_TIMESTAMP",
+    "HEADER_PUBLICATION_NUMBER",
     "HEADER_PUBLISHER_GID",
     "HEADER_SEQUENCE_NUMBER",
     "HEADER_SOURCE_TIMESTAMP",
@@ -37,6 +42,8 @@ HEADER_SOURCE_TIMESTAMP = "Source-Timestamp"
 HEADER_PUBLISHER_GID = "Publisher-GID"
 HEADER_CLIENT_GID = "Client-GID"
 HEADER_SEQUENCE_NUMBER = "Request-Sequence-Number"
+HEADER_PUBLICATION_NUMBER = "Publication-Number"
+HEADER_PREVIOUS_TIMESTAMP = "Previous-Timestamp"
 #: Header names that emailmw owns; user code may not set them.
 METADATA_HEADERS = frozenset(
     h.lower()
@@ -45,6 +52,8 @@ METADATA_HEADERS = frozenset(
         HEADER_PUBLISHER_GID,
         HEADER_CLIENT_GID,
         HEADER_SEQUENCE_NUMBER,
+        HEADER_PUBLICATION_NUMBER,
+        HEADER_PREVIOUS_TIMESTAMP,
     )
 )
 

@@ -215,6 +215,7 @@ class Options(_Model):
     from_address: str | None = Field(default=None, alias="from")
     timeout: float = Field(default=10.0, gt=0)
     send_timeout: float = Field(default=30.0, alias="send-timeout", gt=0)
+    reorder_window: float = Field(default=5.0, alias="reorder-window", ge=0)
     queue_depth: int = Field(default=10_000, alias="queue-depth", ge=1, strict=True)
     max_message_size: int = Field(
         default=25 * 1024 * 1024, alias="max-message-size", ge=1, strict=True

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 
 from emailmw.context import Context, resolve_context
-from emailmw.info import HEADER_PUBLISHER_GID, HEADER_SOURCE_TIMESTAMP, Gid, MessageInfo
+from emailmw.info import (
+    HEADER_PREVIOUS_TIMESTAMP,
+    HEADER_PUBLICATION_NUMBER,
+    HEADER_PUBLISHER_GID,
+    HEADER_SOURCE_TIMESTAMP,
+    Gid,
+    MessageInfo,
+)
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailHeaders
 from emailmw.validation import validate_headers, validate_name
@@ -20,7 +29,9 @@ class Publisher:
     """Publishes messages on one topic: each message is one email.
 
     The email's subject is the topic name and its body the message; the
-    ``Source-Timestamp`` and ``Publisher-GID`` headers carry the metadata.
+    ``Source-Timestamp`` and ``Publisher-GID`` headers carry the metadata, and
+    ``Publication-Number`` and ``Previous-Timestamp`` let subscribers restore
+    this publisher's order when the mail system reorders messages.
     """
 
     def __init__(self, topic_name: str, *, context: Context | None = None) -> None:
@@ -28,6 +39,9 @@ class Publisher:
         self._context = resolve_context(context)
         self._gid = Gid.new()
         self._gid_text = self._gid.to_string()
+        self._numbers = itertools.count(1)
+        self._previous_ns: int | None = None
+        self._numbers_lock = threading.Lock()
 
     @property
     def topic_name(self) -> str:
@@ -55,9 +69,16 @@ class Publisher:
         if additional_headers:
             for name, value in validate_headers(additional_headers).items():
                 headers[name] = value
-        headers[HEADER_SOURCE_TIMESTAMP] = str(time.time_ns())
         headers[HEADER_PUBLISHER_GID] = self._gid_text
-        context.sender.send(EmailContent(self._topic_name, message), headers)
+        content = EmailContent(self._topic_name, message)
+        with self._numbers_lock:  # numbered and stamped in the order they are sent
+            stamp = time.time_ns()
+            headers[HEADER_SOURCE_TIMESTAMP] = str(stamp)
+            headers[HEADER_PUBLICATION_NUMBER] = str(next(self._numbers))
+            if self._previous_ns is not None:
+                headers[HEADER_PREVIOUS_TIMESTAMP] = str(self._previous_ns)
+            self._previous_ns = stamp
+            context.sender.send(content, headers)
 
     def __repr__(self) -> str:
         return f"<Publisher {self._topic_name!r} gid={self._gid.value}>"

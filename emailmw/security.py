@@ -9,9 +9,10 @@ Signing
 
     The MAC is HMAC-SHA256 over an unambiguous encoding (each field as its
     UTF-8 length, a colon, the bytes, a comma) of: the subject (topic or
-    service name), the body, the four metadata headers (``Source-Timestamp``,
-    ``Publisher-GID``, ``Client-GID``, ``Request-Sequence-Number``; empty when
-    absent), ``Message-ID`` and ``In-Reply-To``. Changing any of them, or
+    service name), the body, the metadata headers (``Source-Timestamp``,
+    ``Publisher-GID``, ``Client-GID``, ``Request-Sequence-Number``,
+    ``Publication-Number``, ``Previous-Timestamp``; empty when absent),
+    ``Message-ID`` and ``In-Reply-To``. Changing any of them, or
     moving a field's bytes into another, breaks the signature.
 
 Admission (:class:`AdmissionPolicy`), applied to every received email before
@@ -39,6 +40,8 @@ from typing import TYPE_CHECKING
 
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_PREVIOUS_TIMESTAMP,
+    HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
     HEADER_SEQUENCE_NUMBER,
     HEADER_SOURCE_TIMESTAMP,
@@ -71,6 +74,8 @@ _SIGNED_HEADERS = (
     HEADER_PUBLISHER_GID,
     HEADER_CLIENT_GID,
     HEADER_SEQUENCE_NUMBER,
+    HEADER_PUBLICATION_NUMBER,
+    HEADER_PREVIOUS_TIMESTAMP,
 )
 
 

@@ -61,6 +61,9 @@ def test_header_names_are_the_reference_ones() -> None:
         "publisher-gid",
         "client-gid",
         "request-sequence-number",
+        # emailmw's own: per-publisher order over real mail servers
+        "publication-number",
+        "previous-timestamp",
     } == METADATA_HEADERS
     assert not any(name.lower().startswith("x-") for name in METADATA_HEADERS)
 

@@ -30,6 +30,8 @@ LAYERS: dict[str, int] = {
     "emailmw.validation": 0,
     "emailmw.waitable": 0,
     "emailmw.options": 0,  # config models: the transport reads them, so they sit below it
+    # signing and admission: applied by transport.sender, checked by dispatch.polling
+    "emailmw.security": 0,
     # 1 transport: email containers, codec, senders and receivers.
     "emailmw.transport": 1,
     "emailmw.transport.data": 1,
@@ -39,12 +41,11 @@ LAYERS: dict[str, int] = {
     "emailmw.transport.intra": 1,
     "emailmw.transport.smtp": 1,
     "emailmw.transport.imap": 1,
-    # Signing is applied by transport.sender and checked by dispatch.polling.
-    "emailmw.security": 1,
     # 2 dispatch
     "emailmw.dispatch": 2,
     "emailmw.dispatch.handlers": 2,
     "emailmw.dispatch.polling": 2,
+    "emailmw.dispatch.ordering": 2,
     # 3 context
     "emailmw.context": 3,
     # 4 entities
@@ -270,7 +271,10 @@ def test_type_only_imports_are_the_known_ones() -> None:
         for i in IMPORTS
         if i.type_only and i.target in LAYERS and LAYERS[i.target] > LAYERS.get(i.source, 99)
     )
-    assert upward == [("emailmw.waitable", "emailmw.context")]
+    assert upward == [
+        ("emailmw.security", "emailmw.transport.data"),
+        ("emailmw.waitable", "emailmw.context"),
+    ]
 
 
 def test_the_import_reader_itself(tmp_path: Path) -> None:

@@ -18,8 +18,11 @@ import threading
 import time
 from typing import Protocol
 
+from emailmw.dispatch.ordering import PublicationOrder
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_PREVIOUS_TIMESTAMP,
+    HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
     HEADER_SEQUENCE_NUMBER,
     HEADER_SOURCE_TIMESTAMP,
@@ -42,6 +45,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Default of how long a message that overtook an earlier one of its publisher
+#: is held back, waiting for the earlier one (seconds; config key ``reorder-window``).
+REORDER_WINDOW = 5.0
 
 
 class MessageSink(Protocol):
@@ -88,17 +95,29 @@ class EmailHandler:
 
 
 class SubscriptionHandler(EmailHandler):
-    """Routes messages to subscriptions by topic."""
+    """Routes messages to subscriptions by topic.
 
-    def __init__(self, stats: StatsCounters) -> None:
+    Messages numbered by their publisher (``Publication-Number``) are delivered
+    in that order (see :mod:`emailmw.dispatch.ordering`): one that overtook an
+    earlier one in the mail system is held back until the earlier one arrives,
+    or for at most ``reorder_window`` seconds. Call :meth:`expire` at
+    :meth:`next_deadline`.
+    """
+
+    def __init__(self, stats: StatsCounters, reorder_window: float = REORDER_WINDOW) -> None:
         super().__init__(stats)
+        self._reorder_window = reorder_window
         self._subscriptions: dict[str, tuple[MessageSink, ...]] = {}
+        self._order: PublicationOrder[tuple[str, MessageInfo]] = PublicationOrder(reorder_window)
+        self._order_lock = threading.Lock()
+        self._since: dict[str, int] = {}
 
     def register_subscription(self, topic_name: str, subscription: MessageSink) -> None:
         """Deliver messages on ``topic_name`` to ``subscription`` from now on."""
         with self._lock:
             subs = self._subscriptions.get(topic_name, ())
             self._subscriptions[topic_name] = (*subs, subscription)
+            self._since.setdefault(topic_name, time.time_ns())
 
     def unregister_subscription(self, topic_name: str, subscription: MessageSink) -> None:
         """Stop delivering to ``subscription``."""
@@ -123,14 +142,58 @@ class SubscriptionHandler(EmailHandler):
         stamp = _source_timestamp(email)
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
-        subscriptions = self._subscriptions.get(email.content.subject, ())
-        if not subscriptions:
+        topic = email.content.subject
+        if not self._subscriptions.get(topic):
             return False
         info = MessageInfo(stamp, Timestamp(time.time_ns()), gid)
-        for subscription in subscriptions:
-            subscription._push_message(email.content.body, info)
-        self._stats.add("delivered", len(subscriptions))
+        number_text = headers.get(HEADER_PUBLICATION_NUMBER)
+        if number_text is None:  # not numbered (another implementation): as it comes
+            self._deliver(topic, [(email.content.body, info)])
+            return True
+        number = parse_sequence_number(number_text)
+        if number is None or number < 1:
+            return self._malformed(email, f"bad {HEADER_PUBLICATION_NUMBER} {number_text[:40]!r}")
+        previous_text = headers.get(HEADER_PREVIOUS_TIMESTAMP)
+        previous = None if previous_text is None else Timestamp.from_string(previous_text)
+        if previous_text is not None and previous is None:
+            return self._malformed(email, f"bad {HEADER_PREVIOUS_TIMESTAMP} {previous_text[:40]!r}")
+        with self._order_lock:
+            ready = self._order.add(
+                topic,
+                gid.value,
+                number,
+                previous_ns=None if previous is None else previous.nanoseconds,
+                since_ns=self._since.get(topic, 0),
+                item=(email.content.body, info),
+            )
+        self._deliver(topic, ready)
         return True
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` has something to do (monotonic), or None."""
+        with self._order_lock:
+            return self._order.next_deadline()
+
+    def expire(self) -> None:
+        """Deliver what was held back longer than the window, giving up the gaps."""
+        with self._order_lock:
+            released = self._order.expire()
+        for topic, ready in released:
+            logger.warning(
+                "%d message(s) on %r waited %.1f s for an earlier one of their publisher "
+                "that did not arrive; delivering them",
+                len(ready),
+                topic[:80],
+                self._reorder_window,
+            )
+            self._deliver(topic, ready)
+
+    def _deliver(self, topic: str, ready: list[tuple[str, MessageInfo]]) -> None:
+        subscriptions = self._subscriptions.get(topic, ())
+        for body, info in ready:
+            for subscription in subscriptions:
+                subscription._push_message(body, info)
+            self._stats.add("delivered", len(subscriptions))
 
 
 class ServiceHandler(EmailHandler):

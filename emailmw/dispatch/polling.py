@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -126,8 +127,10 @@ class PollingManager:
         logger.debug("polling thread started")
         backoff = 0.1
         while not self._stop.is_set():
+            deadline = self._next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                emails = self._receiver.receive(None)
+                emails = self._receiver.receive(timeout)
                 backoff = 0.1
             except Exception:
                 logger.exception("receiver failed; retrying in %.1f s", backoff)
@@ -136,4 +139,24 @@ class PollingManager:
                 continue
             if emails:
                 self.dispatch_batch(emails)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._expire()
         logger.debug("polling thread stopped")
+
+    def _next_deadline(self) -> float | None:
+        """The earliest time a handler wants :meth:`_expire` (``next_deadline()``)."""
+        deadlines = []
+        for handler in self._handlers:
+            next_deadline = getattr(handler, "next_deadline", None)
+            if next_deadline is not None and (when := next_deadline()) is not None:
+                deadlines.append(when)
+        return min(deadlines, default=None)
+
+    def _expire(self) -> None:
+        for handler in self._handlers:
+            expire = getattr(handler, "expire", None)
+            if expire is not None:
+                try:
+                    expire()
+                except Exception:
+                    logger.exception("handler %r failed to expire held emails", handler)

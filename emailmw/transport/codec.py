@@ -64,6 +64,8 @@ from email.utils import format_datetime, formataddr, getaddresses, parseaddr
 
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_PREVIOUS_TIMESTAMP,
+    HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
     HEADER_SEQUENCE_NUMBER,
     HEADER_SOURCE_TIMESTAMP,
@@ -121,6 +123,8 @@ _METADATA_VALIDATORS = {
     HEADER_PUBLISHER_GID.lower(): Gid.from_string,
     HEADER_CLIENT_GID.lower(): Gid.from_string,
     HEADER_SEQUENCE_NUMBER.lower(): parse_sequence_number,
+    HEADER_PUBLICATION_NUMBER.lower(): parse_sequence_number,
+    HEADER_PREVIOUS_TIMESTAMP.lower(): Timestamp.from_string,
 }
 
 
