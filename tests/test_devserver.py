@@ -275,6 +275,8 @@ def test_config_has_the_email_yml_shape(server: DevServer) -> None:
                 "username": alice.address,
                 "password": alice.password,
             },
+            # a folder's config sends from the folder's address: replies land in it
+            "from": "alice+box@example.test",
             "recipients": {"to": "bob@example.test"},
             "polling-period": 5,
             "receive-mode": "auto",
@@ -287,6 +289,9 @@ def test_config_has_the_email_yml_shape(server: DevServer) -> None:
     assert implicit["user"]["url-imap"] == f"imaps://127.0.0.1:{server.imaps_port}"
     assert implicit["recipients"] == {"to": alice.address}
     assert implicit["mailbox"] == "INBOX"
+    assert "from" not in implicit
+    folder = server.config(alice, mailbox="box")["email"]
+    assert folder["recipients"] == {"to": "alice+box@example.test"}
     with pytest.raises(ValueError, match="tls"):
         server.config(alice, tls="plain")
 
