@@ -29,7 +29,15 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from mailstack import mailstack_problem, require_mailstack
 
 from emailmw import devserver
-from emailmw.devserver import DevAccount, DevServer, DevServerError, MailStackMissingError
+from emailmw.devserver import (
+    DevAccount,
+    DevServer,
+    DevServerError,
+    MailStackMissingError,
+    install,
+    processes,
+)
+from emailmw.devserver import server as server_module
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.mailstack]
 
@@ -123,12 +131,12 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def processes_of(server: DevServer) -> set[devserver._Proc]:
+def processes_of(server: DevServer) -> set[processes.Proc]:
     masters = [p for p in (server._dovecot, server._postfix) if p is not None]
     assert masters, "not running"
     found = set(masters)
     for master in masters:
-        found |= devserver._descendants(master.pid)
+        found |= processes.descendants(master.pid)
     return found
 
 
@@ -515,7 +523,7 @@ def test_stop_after_the_daemons_were_killed_from_outside() -> None:
 
 def test_a_port_taken_meanwhile_is_retried_with_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     require_mailstack()
-    real = devserver._free_ports
+    real = processes.free_ports
     with socket.socket() as smtp_taken, socket.socket() as imap_taken:
         for sock in (smtp_taken, imap_taken):
             sock.bind(("127.0.0.1", 0))
@@ -532,7 +540,7 @@ def test_a_port_taken_meanwhile_is_retried_with_new_ones(monkeypatch: pytest.Mon
                 ports[0] = taken[0]  # Postfix's turn to fail
             return ports
 
-        monkeypatch.setattr(devserver, "_free_ports", racy)
+        monkeypatch.setattr(server_module, "free_ports", racy)
         with DevServer(accounts=("alice",)) as srv:
             assert len(calls) == 3
             assert not set(taken) & {srv.smtp_port, srv.imap_port}
@@ -601,7 +609,7 @@ def test_missing_mail_stack_skips_or_fails_on_ci(monkeypatch: pytest.MonkeyPatch
 
 def test_install_hint_names_the_packages_and_root() -> None:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(devserver, "_DOVECOT", "/nonexistent/dovecot")
+        mp.setattr(install, "DOVECOT", "/nonexistent/dovecot")
         with pytest.raises(MailStackMissingError) as info:
             devserver.ensure_installed()
     message = str(info.value)

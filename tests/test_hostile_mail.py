@@ -37,7 +37,7 @@ from emailmw import (
     wait_for_message,
 )
 from emailmw.devserver import DevServer
-from emailmw.transport import imap as imap_module
+from emailmw.transport import imap_session
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.mailstack]
 
@@ -317,7 +317,7 @@ def test_a_50_megabyte_email_is_skipped_by_size_without_fetching_it(
     assert options.max_message_size == 25 * MEGABYTE
 
     fetched: list[int] = []
-    original_fetch = imap_module._Session.fetch
+    original_fetch = imap_session.Session.fetch
 
     def counting_fetch(
         self: Any, uids: bytes, items: bytes
@@ -327,7 +327,7 @@ def test_a_50_megabyte_email_is_skipped_by_size_without_fetching_it(
             fetched.extend(len(v) for v in item.values() if isinstance(v, bytes))
         return ok, result
 
-    monkeypatch.setattr(imap_module._Session, "fetch", counting_fetch)
+    monkeypatch.setattr(imap_session.Session, "fetch", counting_fetch)
     acct = dev_server.account("alice")
     with Context(options) as ctx, capture_emailmw_logs() as handler:
         sub = Subscription(topic, context=ctx)

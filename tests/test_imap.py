@@ -26,7 +26,7 @@ from emailmw.devserver import DevServer
 from emailmw.errors import AuthenticationError, ConnectError, ImapError, TlsError
 from emailmw.options import Options
 from emailmw.stats import StatsCounters
-from emailmw.transport import imap as imap_module
+from emailmw.transport import imap_cadence, imap_session
 from emailmw.transport.codec import encode_email, new_message_id
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.imap import ImapEmailReceiver
@@ -267,7 +267,7 @@ def test_oversized_email_is_skipped_by_size(
         receive_mode=mode, **{"max-message-size": limit}
     )
     biggest: list[int] = []
-    original = imap_module._Session.fetch
+    original = imap_session.Session.fetch
 
     def spy(self: Any, uids: bytes, items: bytes) -> Any:
         ok, found = original(self, uids, items)
@@ -275,7 +275,7 @@ def test_oversized_email_is_skipped_by_size(
             biggest.extend(len(v) for v in item.values() if isinstance(v, bytes))
         return ok, found
 
-    monkeypatch.setattr(imap_module._Session, "fetch", spy)
+    monkeypatch.setattr(imap_session.Session, "fetch", spy)
     caplog.set_level(logging.WARNING, logger="emailmw.transport.imap")
     send(dev_server, address, [emailmw_raw(address, "small 1")])
     assert [e.content.body for e in receive_n(receiver, 1)] == ["small 1"]
@@ -615,7 +615,7 @@ def fake_server() -> Iterator[FakeImapServer]:
 def test_plaintext_login_to_remote_host_is_refused(
     fake_server: FakeImapServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(imap_module, "_is_loopback", lambda host: False)
+    monkeypatch.setattr(imap_session, "is_loopback", lambda host: False)
     receiver = ImapEmailReceiver(bare_options(f"imap://127.0.0.1:{fake_server.port}"))
     try:
         with pytest.raises(TlsError, match="STARTTLS"):
@@ -629,7 +629,7 @@ def test_plaintext_login_to_remote_host_is_refused(
 def test_plaintext_login_when_allowed(
     fake_server: FakeImapServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(imap_module, "_is_loopback", lambda host: False)
+    monkeypatch.setattr(imap_session, "is_loopback", lambda host: False)
     receiver = ImapEmailReceiver(
         bare_options(f"imap://127.0.0.1:{fake_server.port}", tls={"allow-insecure": True})
     )
@@ -641,12 +641,12 @@ def test_plaintext_login_when_allowed(
 
 
 def test_is_loopback() -> None:
-    assert imap_module._is_loopback("127.0.0.1")
-    assert imap_module._is_loopback("::1")
-    assert imap_module._is_loopback("[::1]")
-    assert imap_module._is_loopback("localhost")
-    assert not imap_module._is_loopback("192.0.2.1")
-    assert not imap_module._is_loopback("imap.example.com")
+    assert imap_session.is_loopback("127.0.0.1")
+    assert imap_session.is_loopback("::1")
+    assert imap_session.is_loopback("[::1]")
+    assert imap_session.is_loopback("localhost")
+    assert not imap_session.is_loopback("192.0.2.1")
+    assert not imap_session.is_loopback("imap.example.com")
 
 
 # ----------------------------------------------------------------------------- probe, counters
@@ -700,10 +700,10 @@ def test_idle_subscriber_sends_almost_nothing(make_receiver: Factory) -> None:
 
 
 def simulate(arrivals: list[float], rtt: float = 0.0003) -> tuple[list[int], list[float]]:
-    """Drive a _Cadence the way the receiver does (NOOP polls, IDLE when it says so)
+    """Drive a Cadence the way the receiver does (NOOP polls, IDLE when it says so)
     against emails that become visible at ``arrivals``; return the polls each email
     took (the detecting one included) and each email's detection delay."""
-    cadence = imap_module._Cadence()
+    cadence = imap_cadence.Cadence()
     polls: list[int] = []
     delays: list[float] = []
     count, i, now = 0, 0, arrivals[0]
@@ -748,13 +748,13 @@ def test_cadence_follows_a_change_of_pace_and_goes_back_to_idle() -> None:
     assert len(delays) == len(arrivals)
     assert statistics.mean(polls[-10:]) < 3.5
     assert statistics.median(delays[-10:]) < 0.003
-    cadence = imap_module._Cadence()
+    cadence = imap_cadence.Cadence()
     assert cadence.next_poll(0.0, 0.0) is None  # nothing seen yet: IDLE
     cadence.arrival(100.0, float("inf"), 1)  # one email through IDLE, out of the blue
     assert cadence.next_poll(100.0, 100.0) is None  # sporadic: stays on IDLE
     cadence.arrival(101.0, float("inf"), 1)  # another one soon after: poll for more
     assert cadence.next_poll(101.0, 101.0) is not None
-    cadence = imap_module._Cadence()
+    cadence = imap_cadence.Cadence()
     for i in range(10):
         cadence.arrival(i * 0.1, 0.001, 1)
     assert cadence.period == pytest.approx(0.1)
