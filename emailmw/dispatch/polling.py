@@ -23,6 +23,8 @@ Handler = Callable[[EmailData], bool]
 #: How many recent Message-IDs are remembered to drop duplicates.
 DEDUP_WINDOW = 10_000
 _ERROR_BACKOFF_MAX = 5.0
+#: How long past its deadline a gap is kept while the receiver still reads a backlog.
+_EXPIRE_GRACE = 30.0
 
 
 class PollingManager:
@@ -139,7 +141,14 @@ class PollingManager:
                 continue
             if emails:
                 self.dispatch_batch(emails)
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            # give a gap up once the receiver caught up (an empty receive); a stream
+            # that never pauses still gives up after the grace period
+            if (
+                deadline is not None
+                and now >= deadline
+                and (not emails or now >= deadline + _EXPIRE_GRACE)
+            ):
                 self._expire()
         logger.debug("polling thread stopped")
 

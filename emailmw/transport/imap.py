@@ -48,7 +48,7 @@ Receive modes (``receive-mode``)
     ``idle``
         IMAP IDLE (RFC 2177): the server pushes ``EXISTS``. IDLE stays armed
         across :meth:`~ImapEmailReceiver.receive` calls and is re-armed
-        (``DONE`` + ``IDLE``) every 5 minutes, well before the 29-minute limit of
+        (``DONE`` + ``IDLE``) every 2 minutes, well before the 29-minute limit of
         RFC 2177. The wait is a ``poll()`` on the IMAP socket and a self-pipe
         that :meth:`~ImapEmailReceiver.interrupt` writes (see
         :meth:`~emailmw.transport.imap_session.Session.idle_wait`). Dovecot
@@ -56,7 +56,7 @@ Receive modes (``receive-mode``)
         when the server has no IDLE.
     ``auto`` (default)
         IDLE while the mailbox is quiet (an idle subscriber sends one command
-        per 5 minutes), adaptive polling while emails flow (``mode`` is then
+        per 2 minutes), adaptive polling while emails flow (``mode`` is then
         ``adaptive``). The receiver learns the stream's period and phase from
         recent arrival times, sleeps until just before the next email is due,
         then polls with ``NOOP`` (~0.1 ms on loopback) a millisecond or two
@@ -132,8 +132,9 @@ _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
-#: Re-arm IDLE (DONE + IDLE) this often (s); RFC 2177 asks for less than 29 minutes.
-IDLE_REARM = 300.0
+#: Re-arm IDLE (DONE + IDLE) this often (s): RFC 2177 asks for less than 29 minutes, and a
+#: re-arm is also what finds a half-open connection (0.5 commands a minute when idle).
+IDLE_REARM = 120.0
 #: Emails remembered (by digest) to drop byte-identical copies.
 DEDUP_WINDOW = 10_000
 _BACKOFF_FIRST = 0.1

@@ -200,7 +200,10 @@ class Cadence:
         if missed == 0:
             for point in points:
                 if point > last_sync:
-                    return max(point, last_sync + _DENSE_SPACING)
+                    # never sleep past the sparsest probe: a window predicted far ahead
+                    # (a batch of many emails counted as many arrivals) must not stall
+                    # a stream for seconds
+                    return min(max(point, last_sync + _DENSE_SPACING), last_sync + _PROBE_MAX)
         # the window passed empty (a late email, or the stream stopped): probe at
         # growing intervals, and once at the opening of each later window
         cap = min(max(_PROBE_MIN_CAP, 8 * period), _PROBE_MAX)  # a fast stream: probe faster
