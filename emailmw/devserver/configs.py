@@ -173,6 +173,9 @@ virtual_transport = lmtp:unix:{r}/dovecot/run/lmtp
 recipient_delimiter = +
 smtp_dns_support_level = disabled
 lmtp_host_lookup = native
+# A Dovecot restart can leave an LMTP session waiting for a greeting that never
+# comes; the default (300 s) kept such mail stuck in the queue for minutes.
+lmtp_lhlo_timeout = 10s
 smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
 smtpd_sasl_type = dovecot
 smtpd_sasl_path = {r}/dovecot/run/auth-postfix
