@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "emailmw.transport.intra": 1,
     "emailmw.transport.smtp": 1,
     "emailmw.transport.imap": 1,
+    "emailmw.transport.tls": 1,
     "emailmw.transport.imap_session": 1,
     "emailmw.transport.imap_cadence": 1,
     # 2 dispatch

@@ -49,6 +49,7 @@ class Proc:
 
     @classmethod
     def of(cls, pid: int) -> Proc | None:
+        """The process ``pid`` as it is now, or None if there is none."""
         stat = _read_stat(pid)
         return None if stat is None else cls(pid, stat[2])
 
@@ -59,6 +60,7 @@ class Proc:
         return stat is not None and stat[2] == self.start_time and stat[0] not in "ZX"
 
     def cmdline(self) -> bytes:
+        """The raw ``/proc/PID/cmdline`` (NUL-separated), or ``b""`` once gone."""
         try:
             return pathlib.Path(f"/proc/{self.pid}/cmdline").read_bytes()
         except OSError:
@@ -76,6 +78,7 @@ def _read_stat(pid: int) -> tuple[str, int, int] | None:
 
 
 def descendants(root_pid: int) -> set[Proc]:
+    """Every process below ``root_pid`` (children, grandchildren, ...), from ``/proc``."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         stat = _read_stat(int(entry.name)) if entry.name.isdigit() else None
@@ -93,6 +96,7 @@ def descendants(root_pid: int) -> set[Proc]:
 
 
 def is_dovecot_log(proc: Proc) -> bool:
+    """True for Dovecot's ``log`` process (the one kept until the master is gone)."""
     return proc.cmdline().rstrip(b"\0").endswith(b"/log")
 
 
@@ -140,6 +144,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def read_pid_file(path: pathlib.Path) -> Proc | None:
+    """The process named by the first field of a pid file, or None."""
     try:
         return Proc.of(int(path.read_text().split()[0]))
     except (OSError, ValueError, IndexError):
@@ -181,6 +186,7 @@ def write_atomic(
 
 
 def user_id(name: str) -> int:
+    """The uid of system user ``name`` (created by the mail stack's packages)."""
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
@@ -188,6 +194,7 @@ def user_id(name: str) -> int:
 
 
 def group_id(name: str) -> int:
+    """The gid of system group ``name`` (created by the mail stack's packages)."""
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:

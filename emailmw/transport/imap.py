@@ -122,6 +122,7 @@ from emailmw.transport.data import EmailData
 from emailmw.transport.imap_cadence import Cadence
 from emailmw.transport.imap_session import ConnectionLostError, Listed, Session, open_session
 from emailmw.transport.receiver import EmailReceiver
+from emailmw.transport.tls import client_context
 
 if TYPE_CHECKING:
     from emailmw.options import Options
@@ -356,9 +357,7 @@ class ImapEmailReceiver(EmailReceiver):
         if self._context is None:
             tls = self._options.tls
             try:
-                context = ssl.create_default_context(
-                    cafile=str(tls.ca_file) if tls.ca_file is not None else None
-                )
+                context = client_context(tls.ca_file, tls.verify)
             except (OSError, ssl.SSLError) as exc:
                 raise TlsError(
                     f"{self._server}: cannot load tls.ca-file {tls.ca_file}: {exc}",
@@ -368,8 +367,6 @@ class ImapEmailReceiver(EmailReceiver):
                 logger.warning(
                     "TLS certificate verification is off for %s (tls.verify: false)", self._server
                 )
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
             self._context = context
         return self._context
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import ipaddress
 import logging
 import math
 import select
@@ -51,6 +50,7 @@ from imapclient.exceptions import LoginError
 from imapclient.response_parser import parse_fetch_response
 
 from emailmw.errors import AuthenticationError, ConnectError, ImapError, TlsError, TransportError
+from emailmw.transport.tls import is_loopback
 
 if TYPE_CHECKING:
     from emailmw.options import Options, ServerAddress
@@ -77,16 +77,6 @@ class Listed:
     size: int
     date: datetime | None
     body: bytes | None = None
-
-
-def is_loopback(host: str) -> bool:
-    name = host.strip("[]").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _text(value: object) -> str:

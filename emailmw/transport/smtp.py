@@ -49,6 +49,8 @@ from emailmw.stats import StatsCounters
 from emailmw.transport.codec import encode_email, new_message_id, parse_address
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.sender import EmailSender
+from emailmw.transport.tls import client_context
+from emailmw.transport.tls import is_loopback as _is_loopback
 
 __all__ = ["SmtpEmailSender"]
 
@@ -60,17 +62,6 @@ _IDLE_CHECK_AFTER = 30.0
 _QUIT_TIMEOUT = 2.0
 _MIN_STEP_TIMEOUT = 0.5  # a last attempt at the deadline still gets this long per step
 _AUTH_PREFERENCE = ("PLAIN", "LOGIN")
-
-
-def _is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    name = host.strip().strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -358,15 +349,13 @@ class SmtpEmailSender(EmailSender):
     def _tls_context(options: Options) -> ssl.SSLContext:
         ca_file = options.tls.ca_file
         try:
-            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            context = client_context(ca_file, options.tls.verify)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"email.tls.ca-file: cannot load CA certificates from {ca_file}: {exc}",
                 key="email.tls.ca-file",
             ) from None
         if not options.tls.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
             logger.warning(
                 "TLS certificate verification is disabled (tls.verify: false) for %s",
                 options.user.url_smtp if options.user else "SMTP",
