@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import selectors
 import subprocess
 import sys
@@ -39,16 +38,23 @@ DEADLINE = 300.0  # seconds for the whole run, from the first publish
 # ----------------------------------------------------------------------------- the processes
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, the high-water mark of this process's own memory. Not
+    # getrusage().ru_maxrss: Linux carries that across fork and exec, so a child
+    # of a large pytest process reports the parent's size, not its own.
+    return _status_mb("VmHWM")
 
 
 def subscriber_main(config: dict[str, Any]) -> dict[str, Any]:
