@@ -12,7 +12,12 @@ header                      value
 ``Request-Sequence-Number`` signed 64-bit integer, decimal (services)
 ``Publication-Number``      1, 2, 3, ... per publisher (messages; emailmw only)
 ``Previous-Timestamp``      the ``Source-Timestamp`` of the publisher's previous
-                            message (messages after the first; emailmw only)
+                            accepted message (absent before the first one is
+                            accepted; emailmw only)
+``Previous-Number``         the ``Publication-Number`` of that message, only when
+                            it is not this number less one, that is when a
+                            ``publish()`` in between raised (0: none was
+                            accepted yet; emailmw only)
 =========================== ============================================
 """
 
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "HEADER_CLIENT_GID",
+    "HEADER_PREVIOUS_NUMBER",
     "HEADER_PREVIOUS_TIMESTAMP",
     "HEADER_PUBLICATION_NUMBER",
     "HEADER_PUBLISHER_GID",
@@ -44,6 +50,7 @@ HEADER_CLIENT_GID = "Client-GID"
 HEADER_SEQUENCE_NUMBER = "Request-Sequence-Number"
 HEADER_PUBLICATION_NUMBER = "Publication-Number"
 HEADER_PREVIOUS_TIMESTAMP = "Previous-Timestamp"
+HEADER_PREVIOUS_NUMBER = "Previous-Number"
 #: Header names that emailmw owns; user code may not set them.
 METADATA_HEADERS = frozenset(
     h.lower()
@@ -54,6 +61,7 @@ METADATA_HEADERS = frozenset(
         HEADER_SEQUENCE_NUMBER,
         HEADER_PUBLICATION_NUMBER,
         HEADER_PREVIOUS_TIMESTAMP,
+        HEADER_PREVIOUS_NUMBER,
     )
 )
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from emailmw.context import Context, resolve_context
 from emailmw.info import (
+    HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
     HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
@@ -31,7 +32,9 @@ class Publisher:
     The email's subject is the topic name and its body the message; the
     ``Source-Timestamp`` and ``Publisher-GID`` headers carry the metadata, and
     ``Publication-Number`` and ``Previous-Timestamp`` let subscribers restore
-    this publisher's order when the mail system reorders messages.
+    this publisher's order when the mail system reorders messages. After a
+    ``publish()`` that raised, the next message also names the last accepted one
+    (``Previous-Number``), so that subscribers do not wait for the failed one.
     """
 
     def __init__(self, topic_name: str, *, context: Context | None = None) -> None:
@@ -40,7 +43,8 @@ class Publisher:
         self._gid = Gid.new()
         self._gid_text = self._gid.to_string()
         self._numbers = itertools.count(1)
-        self._previous_ns: int | None = None
+        # The last message the transport accepted: (publication number, timestamp).
+        self._accepted: tuple[int, int] | None = None
         self._numbers_lock = threading.Lock()
 
     @property
@@ -73,12 +77,19 @@ class Publisher:
         content = EmailContent(self._topic_name, message)
         with self._numbers_lock:  # numbered and stamped in the order they are sent
             stamp = time.time_ns()
+            number = next(self._numbers)
             headers[HEADER_SOURCE_TIMESTAMP] = str(stamp)
-            headers[HEADER_PUBLICATION_NUMBER] = str(next(self._numbers))
-            if self._previous_ns is not None:
-                headers[HEADER_PREVIOUS_TIMESTAMP] = str(self._previous_ns)
-            self._previous_ns = stamp
+            headers[HEADER_PUBLICATION_NUMBER] = str(number)
+            previous_number, previous_ns = self._accepted or (0, None)
+            if previous_ns is not None:
+                headers[HEADER_PREVIOUS_TIMESTAMP] = str(previous_ns)
+            if previous_number != number - 1:  # a publish() in between raised
+                headers[HEADER_PREVIOUS_NUMBER] = str(previous_number)
+            # A send that raises keeps its number used: the email may still have
+            # been stored (a reply lost after the data was accepted), and a
+            # reused number would make two different messages collide.
             context.sender.send(content, headers)
+            self._accepted = (number, stamp)
 
     def __repr__(self) -> str:
         return f"<Publisher {self._topic_name!r} gid={self._gid.value}>"

@@ -348,6 +348,13 @@ def test_subscription_handler_declines_other_emails() -> None:
         ({"Publisher-GID": ""}, "Publisher-GID"),
         ({"Source-Timestamp": None}, "Source-Timestamp"),
         ({"Source-Timestamp": "yesterday"}, "Source-Timestamp"),
+        ({"Publication-Number": "0"}, "Publication-Number"),
+        ({"Publication-Number": "one"}, "Publication-Number"),
+        ({"Publication-Number": "2", "Previous-Timestamp": "then"}, "Previous-Timestamp"),
+        ({"Publication-Number": "3", "Previous-Number": "3"}, "Previous-Number"),
+        ({"Publication-Number": "3", "Previous-Number": "7"}, "Previous-Number"),
+        ({"Publication-Number": "3", "Previous-Number": "-1"}, "Previous-Number"),
+        ({"Publication-Number": "3", "Previous-Number": "two"}, "Previous-Number"),
     ],
 )
 def test_subscription_handler_malformed_metadata_is_logged_and_counted(
@@ -363,6 +370,36 @@ def test_subscription_handler_malformed_metadata_is_logged_and_counted(
     assert stats.snapshot().dropped["malformed"] == 1
     assert reason in caplog.text
     assert "malformed" in caplog.text
+
+
+def test_subscription_handler_does_not_wait_for_a_failed_publication() -> None:
+    """Previous-Number says numbers 2 and 3 were never accepted: 4 follows 1 at once."""
+    handler = SubscriptionHandler(StatsCounters(), reorder_window=60.0)
+    sub = FakeSubscription()
+    handler.register_subscription("/t", sub)
+    first = str(time.time_ns())
+    assert handler(message("1", Publication_Number="1", Source_Timestamp=first))
+    assert handler(
+        message("4", Publication_Number="4", Previous_Number="1", Previous_Timestamp=first)
+    )
+    assert [m for m, _ in sub.messages] == ["1", "4"]
+    assert handler.next_deadline() is None  # nothing held back
+    assert handler(message("3", Publication_Number="3"))  # stored after all: comes late
+    assert [m for m, _ in sub.messages] == ["1", "4", "3"]
+
+
+def test_subscription_handler_holds_back_a_message_that_overtook_one() -> None:
+    handler = SubscriptionHandler(StatsCounters(), reorder_window=60.0)
+    sub = FakeSubscription()
+    handler.register_subscription("/t", sub)
+    first = str(time.time_ns())
+    assert handler(message("1", Publication_Number="1", Source_Timestamp=first))
+    assert handler(message("3", Publication_Number="3", Previous_Timestamp=first))
+    assert [m for m, _ in sub.messages] == ["1"]
+    assert handler.next_deadline() is not None
+    assert handler(message("2", Publication_Number="2", Previous_Timestamp=first))
+    assert [m for m, _ in sub.messages] == ["1", "2", "3"]
+    assert handler.next_deadline() is None
 
 
 # -- the handlers: services ----------------------------------------------------------

@@ -64,6 +64,7 @@ def test_header_names_are_the_reference_ones() -> None:
         # emailmw's own: per-publisher order over real mail servers
         "publication-number",
         "previous-timestamp",
+        "previous-number",
     } == METADATA_HEADERS
     assert not any(name.lower().startswith("x-") for name in METADATA_HEADERS)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -416,3 +418,110 @@ def test_entities_use_the_global_context(global_ctx: Context) -> None:
     Publisher("/global").publish("hi")
     assert wait_for_message(sub, timeout=5.0) == "hi"
     assert emailmw.stats().sent == 1
+
+
+# -- a publish() that raised ----------------------------------------------------------
+
+
+class FlakySender:
+    """Wraps a context's sender: records every email's headers; the listed
+    messages raise :class:`emailmw.SmtpError` instead of being sent ("lost"), or
+    after being sent ("stored", as when the server's answer is lost)."""
+
+    def __init__(self, ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real_send = ctx.sender.send
+        self.headers: dict[str, dict[str, str]] = {}
+        self.lost: set[str] = set()
+        self.stored: set[str] = set()
+        self.held: dict[str, tuple[Any, Any]] = {}
+        monkeypatch.setattr(ctx.sender, "send", self.send)
+
+    def send(self, content: Any, headers: Any = None) -> str:
+        self.headers[content.body] = dict(headers or {})
+        if content.body in self.lost:
+            self.held[content.body] = (content, headers)
+            raise emailmw.SmtpError("injected failure", server="127.0.0.1:25")
+        message_id = self.real_send(content, headers)
+        if content.body in self.stored:
+            raise emailmw.SmtpError("injected lost answer", server="127.0.0.1:25")
+        return message_id
+
+
+@pytest.fixture
+def patient_ctx() -> Iterator[Context]:
+    """A context whose subscribers wait a minute for a message that overtook one."""
+    with Context(Options(intraprocess=True, reorder_window=60.0)) as ctx:
+        yield ctx
+
+
+def test_a_failed_publish_does_not_hold_up_the_next_messages(
+    patient_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sub = Subscription("/gap", context=patient_ctx)
+    pub = Publisher("/gap", context=patient_ctx)
+    flaky = FlakySender(patient_ctx, monkeypatch)
+    flaky.lost = {"b", "c"}
+    pub.publish("a")
+    for lost in ("b", "c"):
+        with pytest.raises(emailmw.SmtpError):
+            pub.publish(lost)
+    pub.publish("d")
+    pub.publish("e")
+    # With a 60 s reorder window, "d" would wait a minute for "b" and "c".
+    assert [wait_for_message(sub, timeout=5.0) for _ in range(3)] == ["a", "d", "e"]
+    h = flaky.headers
+    assert [h[m]["Publication-Number"] for m in "abcde"] == ["1", "2", "3", "4", "5"]
+    assert h["d"]["Previous-Number"] == "1"
+    assert h["d"]["Previous-Timestamp"] == h["a"]["Source-Timestamp"]
+    assert h["c"]["Previous-Timestamp"] == h["a"]["Source-Timestamp"]  # b was not accepted
+    assert h["c"]["Previous-Number"] == "1"
+    assert "Previous-Number" not in h["b"] and "Previous-Number" not in h["e"]
+    assert h["e"]["Previous-Timestamp"] == h["d"]["Source-Timestamp"]
+
+
+def test_a_failed_publish_that_arrives_late_is_delivered_once(
+    patient_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sub = Subscription("/late", context=patient_ctx)
+    pub = Publisher("/late", context=patient_ctx)
+    flaky = FlakySender(patient_ctx, monkeypatch)
+    flaky.lost = {"b"}
+    pub.publish("a")
+    with pytest.raises(emailmw.SmtpError):
+        pub.publish("b")
+    pub.publish("c")
+    assert [wait_for_message(sub, timeout=5.0) for _ in range(2)] == ["a", "c"]
+    flaky.real_send(*flaky.held["b"])  # the mail system delivers it after all
+    assert wait_for_message(sub, timeout=5.0) == "b"
+    flush(patient_ctx)
+    assert drain(sub) == []
+
+
+def test_a_failed_publish_that_was_stored_keeps_its_place(
+    patient_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sub = Subscription("/stored", context=patient_ctx)
+    pub = Publisher("/stored", context=patient_ctx)
+    flaky = FlakySender(patient_ctx, monkeypatch)
+    flaky.stored = {"b"}
+    pub.publish("a")
+    with pytest.raises(emailmw.SmtpError):
+        pub.publish("b")
+    pub.publish("c")
+    assert [wait_for_message(sub, timeout=5.0) for _ in range(3)] == ["a", "b", "c"]
+    assert flaky.headers["c"]["Previous-Number"] == "1"
+
+
+def test_when_the_first_publish_fails_the_next_names_none(
+    patient_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sub = Subscription("/first", context=patient_ctx)
+    pub = Publisher("/first", context=patient_ctx)
+    flaky = FlakySender(patient_ctx, monkeypatch)
+    flaky.lost = {"a"}
+    with pytest.raises(emailmw.SmtpError):
+        pub.publish("a")
+    pub.publish("b")
+    assert wait_for_message(sub, timeout=5.0) == "b"
+    assert flaky.headers["b"]["Previous-Number"] == "0"
+    assert "Previous-Timestamp" not in flaky.headers["b"]

@@ -21,6 +21,7 @@ from typing import Protocol
 from emailmw.dispatch.ordering import PublicationOrder
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
     HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
@@ -157,6 +158,15 @@ class SubscriptionHandler(EmailHandler):
         previous = None if previous_text is None else Timestamp.from_string(previous_text)
         if previous_text is not None and previous is None:
             return self._malformed(email, f"bad {HEADER_PREVIOUS_TIMESTAMP} {previous_text[:40]!r}")
+        previous_number = number - 1
+        previous_number_text = headers.get(HEADER_PREVIOUS_NUMBER)
+        if previous_number_text is not None:
+            parsed = parse_sequence_number(previous_number_text)
+            if parsed is None or not 0 <= parsed < number:
+                return self._malformed(
+                    email, f"bad {HEADER_PREVIOUS_NUMBER} {previous_number_text[:40]!r}"
+                )
+            previous_number = parsed
         with self._order_lock:
             ready = self._order.add(
                 topic,
@@ -165,6 +175,7 @@ class SubscriptionHandler(EmailHandler):
                 previous_ns=None if previous is None else previous.nanoseconds,
                 since_ns=self._since.get(topic, 0),
                 item=(email.content.body, info),
+                previous_number=previous_number,
             )
         self._deliver(topic, ready)
         return True

@@ -4,12 +4,19 @@ Mail servers do not keep order: Postfix hands messages to the mailbox over
 several connections at once, and a deferred message is retried seconds later.
 Each publisher therefore numbers its messages (``Publication-Number``: 1, 2,
 3, ...) and says when it published the one before (``Previous-Timestamp``,
-nanoseconds; absent on number 1). :class:`PublicationOrder` releases each
+nanoseconds; absent on number 1). After a ``publish()`` that raised, the next
+message names the last one the transport accepted (``Previous-Number``); the
+numbers in between may never come. :class:`PublicationOrder` releases each
 publisher's messages in number order:
 
 * a message that overtook an earlier one is held back until the earlier one
-  arrives, or for at most ``window`` seconds; then the gap is given up (the
-  late message, if it ever comes, is released when it comes);
+  arrives, or until its stream has released nothing for ``window`` seconds
+  (each release restarts the window, so a backlog that is being read is not
+  given up); then the gap is given up (the late message, if it ever comes, is
+  released when it comes);
+* numbers between a message and its ``Previous-Number`` (failed publishes) are
+  not waited for once everything up to that number was released; a failed
+  message that was stored after all is released when it comes;
 * where a stream starts is learned from the first messages seen: a message's
   predecessor is waited for only if it was published after the topic's first
   subscription was made (less :data:`CLOCK_SKEW`). A subscriber that starts
@@ -37,10 +44,17 @@ MAX_TRACKED_STREAMS = 10_000
 
 
 @dataclass(slots=True)
+class _Held(Generic[T]):
+    item: T
+    previous_number: int  # the publisher's last accepted message before this one
+    previous_ns: int | None  # and when it was published
+
+
+@dataclass(slots=True)
 class _Stream(Generic[T]):
     expected: int
     guessing: bool = True
-    held: dict[int, tuple[T, int | None]] = field(default_factory=dict)
+    held: dict[int, _Held[T]] = field(default_factory=dict)
     deadline: float | None = None
 
 
@@ -61,36 +75,55 @@ class PublicationOrder(Generic[T]):
         previous_ns: int | None,
         since_ns: int,
         item: T,
+        previous_number: int | None = None,
     ) -> list[T]:
-        """Record ``item`` (publication ``number`` of ``publisher`` on ``topic``, whose
-        predecessor was published at ``previous_ns``) and return what may be released
-        now, in order. ``since_ns`` is when the topic's first subscription was made."""
+        """Record ``item`` and return what may be released now, in order.
+
+        ``item`` is publication ``number`` of ``publisher`` on ``topic``; its
+        predecessor is ``previous_number`` (default ``number - 1``; lower when
+        publishes in between failed), published at ``previous_ns``. ``since_ns``
+        is when the topic's first subscription was made.
+        """
+        if previous_number is None:
+            previous_number = number - 1
         key = (topic, publisher)
         stream = self._streams.get(key)
         if stream is None:
+            self._forget_idle()  # before adding: the new stream holds nothing yet
             stream = self._streams[key] = _Stream(expected=number)
-            self._forget_idle()
         else:
             self._streams.move_to_end(key)
         if number < stream.expected and not stream.guessing:
             return [item]  # late: its place was given up already
-        stream.held[number] = (item, previous_ns)
+        stream.held[number] = _Held(item, previous_number, previous_ns)
         if stream.guessing:
             # Walk back while the lowest message's predecessor was published after
             # the subscription existed: that one should arrive too.
             lowest = min(stream.held)
-            _, previous = stream.held[lowest]
+            held = stream.held[lowest]
             stream.expected = lowest
-            if lowest > 1 and previous is not None and previous >= since_ns - CLOCK_SKEW_NS:
-                stream.expected = lowest - 1
+            if (
+                held.previous_number >= 1
+                and held.previous_ns is not None
+                and held.previous_ns >= since_ns - CLOCK_SKEW_NS
+            ):
+                stream.expected = held.previous_number
             else:
                 stream.guessing = False
         return self._release(stream)
 
     def _release(self, stream: _Stream[T]) -> list[T]:
         ready = []
-        while stream.expected in stream.held:
-            ready.append(stream.held.pop(stream.expected)[0])
+        held = stream.held
+        while held:
+            if stream.expected not in held:
+                # Skip numbers whose publish() raised: the lowest held message's
+                # accepted predecessor was released (or given up) already.
+                lowest = min(held)
+                if held[lowest].previous_number >= stream.expected:
+                    break
+                stream.expected = lowest
+            ready.append(held.pop(stream.expected).item)
             stream.expected += 1
         if not stream.held:
             stream.deadline = None
@@ -110,14 +143,16 @@ class PublicationOrder(Generic[T]):
         for (topic, _), stream in self._streams.items():
             if stream.deadline is not None and stream.deadline <= now:
                 numbers = sorted(stream.held)
-                out.append((topic, [stream.held.pop(n)[0] for n in numbers]))
+                out.append((topic, [stream.held.pop(n).item for n in numbers]))
                 stream.expected = numbers[-1] + 1
                 stream.guessing = False
                 stream.deadline = None
         return out
 
     def _forget_idle(self) -> None:
-        if len(self._streams) <= MAX_TRACKED_STREAMS:
+        """Make room for one more stream: when the bound is reached, forget the least
+        recently active streams that hold nothing, down to half the bound."""
+        if len(self._streams) < MAX_TRACKED_STREAMS:
             return
         for key in [k for k, s in self._streams.items() if not s.held]:
             del self._streams[key]

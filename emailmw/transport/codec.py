@@ -64,6 +64,7 @@ from email.utils import format_datetime, formataddr, getaddresses, parseaddr
 
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
     HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
@@ -125,6 +126,7 @@ _METADATA_VALIDATORS = {
     HEADER_SEQUENCE_NUMBER.lower(): parse_sequence_number,
     HEADER_PUBLICATION_NUMBER.lower(): parse_sequence_number,
     HEADER_PREVIOUS_TIMESTAMP.lower(): Timestamp.from_string,
+    HEADER_PREVIOUS_NUMBER.lower(): parse_sequence_number,
 }
 
 
