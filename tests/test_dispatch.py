@@ -199,6 +199,49 @@ def test_a_failing_handler_does_not_kill_the_thread(
     assert stats.snapshot().dropped["unmatched"] == 0
 
 
+class Timed(Recorder):
+    """A handler with a deadline, like the subscription handler's reorder buffer."""
+
+    def __init__(self, delay: float, fail: bool = False) -> None:
+        super().__init__(take=False)
+        self.deadline: float | None = time.monotonic() + delay
+        self.fail = fail
+        self.expired = threading.Event()
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def expire(self) -> None:
+        self.expired.set()
+        self.deadline = None
+        if self.fail:
+            raise RuntimeError("expire exploded")
+
+
+def test_a_timed_handler_is_woken_at_its_deadline(manager: PollingManager) -> None:
+    timed, plain = Timed(0.05), Recorder()
+    manager.register_handler(timed)
+    manager.register_handler(plain)  # a plain callable has no deadline: still fine
+    manager.start()
+    # No email arrives: only the deadline can end the receiver's wait.
+    assert timed.expired.wait(5.0)
+    assert timed.seen == [] and plain.seen == []
+
+
+def test_a_failing_expire_does_not_kill_the_thread(
+    manager: PollingManager, receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="emailmw")
+    timed = Timed(0.01, fail=True)
+    manager.register_handler(timed)
+    manager.start()
+    assert timed.expired.wait(5.0)
+    receiver.push(email("after", "<after@x>"))
+    assert timed.wait_for(1) == ["after"]
+    assert manager.running
+    assert "expire exploded" in caplog.text
+
+
 def test_a_failing_receiver_is_retried(
     manager: PollingManager, receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,17 +8,37 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from emailmw.security import AdmissionPolicy
 from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.data import EmailData
 from emailmw.transport.receiver import EmailReceiver
 
-__all__ = ["PollingManager"]
+__all__ = ["Handler", "PollingManager", "TimedHandler"]
 
 logger = logging.getLogger(__name__)
 
+#: A handler takes an email (returns True) or declines it (returns False).
 Handler = Callable[[EmailData], bool]
+
+
+@runtime_checkable
+class TimedHandler(Protocol):
+    """A handler that holds emails back for a while (the subscription handler,
+    restoring publication order): the polling thread wakes up at
+    :meth:`next_deadline` and calls :meth:`expire`."""
+
+    def __call__(self, email: EmailData) -> bool: ...
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` has something to do (``time.monotonic()``), or None."""
+        ...
+
+    def expire(self) -> None:
+        """Release what was held past its deadline."""
+        ...
+
 
 #: How many recent Message-IDs are remembered to drop duplicates.
 DEDUP_WINDOW = 10_000
@@ -48,13 +68,17 @@ class PollingManager:
         self._admission = admission if admission is not None and admission.active else None
         self._stats = stats if stats is not None else StatsCounters()
         self._handlers: list[Handler] = []
+        self._timed: list[TimedHandler] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def register_handler(self, handler: Handler) -> None:
-        """Add a handler. Register all handlers before :meth:`start`."""
+        """Add a handler (a :class:`TimedHandler` is also woken at its deadlines).
+        Register all handlers before :meth:`start`."""
         self._handlers.append(handler)
+        if isinstance(handler, TimedHandler):
+            self._timed.append(handler)
 
     @property
     def running(self) -> bool:
@@ -153,19 +177,13 @@ class PollingManager:
         logger.debug("polling thread stopped")
 
     def _next_deadline(self) -> float | None:
-        """The earliest time a handler wants :meth:`_expire` (``next_deadline()``)."""
-        deadlines = []
-        for handler in self._handlers:
-            next_deadline = getattr(handler, "next_deadline", None)
-            if next_deadline is not None and (when := next_deadline()) is not None:
-                deadlines.append(when)
+        """The earliest time a timed handler wants :meth:`_expire`."""
+        deadlines = [when for h in self._timed if (when := h.next_deadline()) is not None]
         return min(deadlines, default=None)
 
     def _expire(self) -> None:
-        for handler in self._handlers:
-            expire = getattr(handler, "expire", None)
-            if expire is not None:
-                try:
-                    expire()
-                except Exception:
-                    logger.exception("handler %r failed to expire held emails", handler)
+        for handler in self._timed:
+            try:
+                handler.expire()
+            except Exception:
+                logger.exception("handler %r failed to expire held emails", handler)
