@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -201,7 +202,8 @@ class Options(_Model):
 
     ``Options(intraprocess=True)`` is a complete configuration for one process
     with no mail server. Field names are the YAML keys with ``-`` turned into
-    ``_``; both spellings are accepted.
+    ``_``; both spellings are accepted. An invalid value raises
+    :class:`~emailmw.ConfigError` whose message and ``key`` name the key.
     """
 
     user: UserOptions | None = None
@@ -224,6 +226,14 @@ class Options(_Model):
     signing_key_file: Path | None = Field(default=None, alias="signing-key-file")
     max_age: float = Field(default=24 * 3600.0, alias="max-age", gt=0)
     allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
+
+    def __init__(self, /, **data: Any) -> None:
+        """Validate the keyword arguments; a bad value raises :class:`ConfigError`
+        naming its key, as a bad config file does."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(exc, _SOURCE.get()) from None
 
     @field_validator("allowed_senders", mode="before")
     @classmethod
@@ -287,10 +297,12 @@ class Options(_Model):
             raise ConfigError(
                 f"{source}: {extra[0]}: unknown top-level key", key=extra[0], path=source
             )
+        # model_validate() runs __init__ above, which names the source in its error.
+        token = _SOURCE.set(source)
         try:
             return cls.model_validate(section)
-        except ValidationError as exc:
-            raise _config_error(exc, source) from None
+        finally:
+            _SOURCE.reset(token)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Options:
@@ -353,6 +365,11 @@ def _read_secret_file(path: Path, key: str) -> str:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}", key=key) from None
 
 
+#: Where the values being validated come from, for error messages.
+_KEYWORDS = "Options(...)"
+_SOURCE: ContextVar[str] = ContextVar("emailmw_options_source", default=_KEYWORDS)
+
+
 def _config_error(exc: ValidationError, source: str) -> ConfigError:
     problems = []
     first_key = None
@@ -371,4 +388,5 @@ def _config_error(exc: ValidationError, source: str) -> ConfigError:
             first_key = key if first_key == "email" else first_key
         problems.append(f"{key}: {message}")
     text = "; ".join(problems)
-    return ConfigError(f"{text} (in {source})", key=first_key, path=source)
+    path = None if source == _KEYWORDS else source
+    return ConfigError(f"{text} (in {source})", key=first_key, path=path)

@@ -515,3 +515,43 @@ def test_a_boolean_is_not_a_number(tmp_path: Path, line: str) -> None:
 def test_from_address_is_validated_like_recipients(tmp_path: Path, address: str) -> None:
     err = load_error(tmp_path, f"email:\n  intraprocess: true\n  from: {json.dumps(address)}\n")
     assert err.key == "email.from"
+
+
+# -- Options(...) in Python ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"intraprocess": True, "timeout": -1}, "email.timeout"),
+        ({"intraprocess": True, "queue-depth": 0}, "email.queue-depth"),
+        ({"intraprocess": True, "reorder_window": "soon"}, "email.reorder_window"),
+        ({"intraprocess": True, "receive_mode": "push"}, "email.receive_mode"),
+        ({"intraprocess": True, "no_such_key": 1}, "email.no_such_key"),
+        ({}, "email.user"),
+    ],
+)
+def test_bad_keyword_arguments_raise_config_error_naming_the_key(
+    kwargs: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Options(**kwargs)  # type: ignore[arg-type]
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert "Options(...)" in str(info.value)
+    assert info.value.path is None
+
+
+def test_a_bad_keyword_argument_does_not_echo_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Options(
+            user={  # type: ignore[arg-type]
+                "url-smtp": "smtp://127.0.0.1:25",
+                "url-imap": "ftp://127.0.0.1",
+                "username": "u",
+                "password": "hunter2-secret",
+            }
+        )
+    assert info.value.key == "email.user.url-imap"
+    assert "hunter2-secret" not in str(info.value)
+    assert "hunter2-secret" not in repr(info.value)
