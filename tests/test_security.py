@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-import socketserver
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_smtp import FakeImap, FakeSmtp
 from imapclient import IMAPClient
 
 from emailmw import (
@@ -793,74 +792,16 @@ def test_host_names_are_verified(dev_server: DevServer, part: str) -> None:
             transport.close()
 
 
-class _FakeServer(socketserver.ThreadingTCPServer):
-    """A scripted plain-text IMAP or SMTP server on 127.0.0.1 that offers no STARTTLS
-    (as if an attacker stripped it) and records every line it hears."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, protocol: str) -> None:
-        super().__init__(("127.0.0.1", 0), _FakeHandler)
-        self.protocol = protocol
-        self.lines: list[str] = []
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        port: int = self.server_address[1]
-        return port
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.thread.join(5)
-
-
-class _FakeHandler(socketserver.StreamRequestHandler):
-    server: _FakeServer
-
-    def say(self, text: str) -> None:
-        self.wfile.write(text.encode() + b"\r\n")
-
-    def handle(self) -> None:
-        imap = self.server.protocol == "imap"
-        self.say("* OK fake IMAP ready" if imap else "220 fake ESMTP")
-        while line := self.rfile.readline():
-            text = line.decode("utf-8", "replace").strip()
-            self.server.lines.append(text)
-            words = text.split()
-            if imap:
-                tag, verb = [*words, "", ""][:2]
-                if verb.upper() == "CAPABILITY":
-                    self.say("* CAPABILITY IMAP4rev1 AUTH=PLAIN IDLE")
-                    self.say(f"{tag} OK done")
-                elif verb.upper() == "LOGOUT":
-                    self.say("* BYE")
-                    self.say(f"{tag} OK bye")
-                    return
-                else:
-                    self.say(f"{tag} NO not here")
-            else:
-                verb = (words or [""])[0].upper()
-                if verb == "EHLO":
-                    self.say("250-fake\r\n250 AUTH PLAIN LOGIN")
-                elif verb == "QUIT":
-                    self.say("221 bye")
-                    return
-                else:
-                    self.say("535 5.7.8 no")
-
-
 @pytest.fixture
-def fake_server(request: pytest.FixtureRequest) -> Iterator[_FakeServer]:
-    server = _FakeServer(request.param)
-    yield server
-    server.stop()
+def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeSmtp | FakeImap]:
+    """A plain-text SMTP or IMAP server on 127.0.0.1 that offers no STARTTLS (as if an
+    attacker stripped it), refuses every credential and records every line it hears."""
+    server = FakeSmtp(auth_reply="535 5.7.8 no") if request.param == "smtp" else FakeImap()
+    with server:
+        yield server
 
 
-def _fake_options(fake: _FakeServer, host: str, **tls: Any) -> Options:
+def _fake_options(fake: FakeSmtp | FakeImap, host: str, **tls: Any) -> Options:
     port = fake.port
     return Options.from_dict(
         {
@@ -879,22 +820,24 @@ def _fake_options(fake: _FakeServer, host: str, **tls: Any) -> Options:
     )
 
 
-def _connect(fake: _FakeServer, options: Options) -> None:
-    transport = SmtpEmailSender(options) if fake.protocol == "smtp" else ImapEmailReceiver(options)
+def _connect(fake: FakeSmtp | FakeImap, options: Options) -> None:
+    transport = (
+        SmtpEmailSender(options) if isinstance(fake, FakeSmtp) else ImapEmailReceiver(options)
+    )
     try:
         transport.connect()
     finally:
         transport.close()
 
 
-def _credentials_sent(fake: _FakeServer) -> bool:
+def _credentials_sent(fake: FakeSmtp | FakeImap) -> bool:
     return any(
-        re.search(r"\b(LOGIN|AUTHENTICATE|AUTH)\b", line, re.IGNORECASE) for line in fake.lines
+        re.search(r"\b(LOGIN|AUTHENTICATE|AUTH)\b", line, re.IGNORECASE) for line in fake.commands
     )
 
 
 @pytest.mark.parametrize("fake_server", ["smtp", "imap"], indirect=True)
-def test_no_credentials_in_plain_text_to_a_remote_host(fake_server: _FakeServer) -> None:
+def test_no_credentials_in_plain_text_to_a_remote_host(fake_server: FakeSmtp | FakeImap) -> None:
     """The server is loopback, but the name we dial is not: the code must treat it as
     remote, see no STARTTLS, and refuse before any credential leaves."""
     options = _fake_options(fake_server, "mail.example.test")
@@ -903,12 +846,12 @@ def test_no_credentials_in_plain_text_to_a_remote_host(fake_server: _FakeServer)
     assert "plain text" in str(info.value)
     assert "allow-insecure" in str(info.value)
     assert "hunter2-secret" not in str(info.value)
-    assert fake_server.lines, "it never even connected"
-    assert not _credentials_sent(fake_server), fake_server.lines
+    assert fake_server.commands, "it never even connected"
+    assert not _credentials_sent(fake_server), fake_server.commands
 
 
 @pytest.mark.parametrize("fake_server", ["smtp", "imap"], indirect=True)
-def test_allow_insecure_permits_plain_text_credentials(fake_server: _FakeServer) -> None:
+def test_allow_insecure_permits_plain_text_credentials(fake_server: FakeSmtp | FakeImap) -> None:
     options = _fake_options(fake_server, "mail.example.test", **{"allow-insecure": True})
     with resolve_to_loopback("mail.example.test"), pytest.raises(AuthenticationError):
         _connect(fake_server, options)  # the fake refuses them, but they were sent
@@ -916,7 +859,7 @@ def test_allow_insecure_permits_plain_text_credentials(fake_server: _FakeServer)
 
 
 @pytest.mark.parametrize("fake_server", ["smtp", "imap"], indirect=True)
-def test_plain_text_credentials_to_loopback_are_allowed(fake_server: _FakeServer) -> None:
+def test_plain_text_credentials_to_loopback_are_allowed(fake_server: FakeSmtp | FakeImap) -> None:
     """Documented exception: loopback never leaves the machine."""
     with pytest.raises(AuthenticationError):
         _connect(fake_server, _fake_options(fake_server, "127.0.0.1"))

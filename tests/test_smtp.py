@@ -9,7 +9,6 @@ import contextlib
 import logging
 import smtplib
 import socket
-import socketserver
 import ssl
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_smtp import FakeSmtp, fake_smtp_fixture  # noqa: F401  (fixture)
 from imapclient import IMAPClient
 from mailstack import require_mailstack
 
@@ -38,8 +38,6 @@ from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 from emailmw.transport.smtp import SmtpEmailSender
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.mailstack]
-
-# The shared session server (tests/conftest.py may also make it visible; harmless).
 
 METADATA = {"Publisher-GID": "42", "Source-Timestamp": "1700000000000000000"}
 
@@ -580,80 +578,6 @@ def test_concurrent_sends_are_delivered_exactly_once(dev_server: DevServer) -> N
 # ----------------------------------------------------------------------------- scripted fake server
 
 
-class FakeSmtp(socketserver.ThreadingTCPServer):
-    """A tiny scripted SMTP server on 127.0.0.1 (no TLS) that records what it hears."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, data_replies: list[str] | None = None, greeting: str = "220 fake") -> None:
-        super().__init__(("127.0.0.1", 0), _FakeHandler)
-        self.greeting = greeting
-        self.data_replies = list(data_replies or [])
-        self.commands: list[str] = []
-        self.messages: list[bytes] = []
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        port: int = self.server_address[1]
-        return port
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.thread.join(5)
-
-
-class _FakeHandler(socketserver.StreamRequestHandler):
-    server: FakeSmtp
-
-    def reply(self, text: str) -> None:
-        self.wfile.write(text.encode() + b"\r\n")
-
-    def handle(self) -> None:
-        self.reply(self.server.greeting)
-        if not self.server.greeting.startswith("220"):
-            return
-        while line := self.rfile.readline():
-            command = line.decode().strip()
-            self.server.commands.append(command)
-            verb = command.split(" ", 1)[0].upper()
-            if verb == "EHLO":
-                self.reply("250-fake\r\n250-AUTH PLAIN LOGIN\r\n250 SIZE 100000")
-            elif verb == "AUTH":
-                self.reply("235 2.7.0 ok")
-            elif verb in ("MAIL", "RCPT", "RSET", "NOOP"):
-                self.reply("250 ok")
-            elif verb == "DATA":
-                self.reply("354 go on")
-                data = b""
-                while not data.endswith(b"\r\n.\r\n"):
-                    chunk = self.rfile.readline()
-                    if not chunk:
-                        return
-                    data += chunk
-                # drop the final "." line and undo dot-stuffing (RFC 5321 4.5.2)
-                self.server.messages.append(data[:-3].replace(b"\r\n..", b"\r\n."))
-                answer = self.server.data_replies.pop(0) if self.server.data_replies else "250 ok"
-                self.reply(answer)
-                if answer.startswith("421"):
-                    return
-            elif verb == "QUIT":
-                self.reply("221 bye")
-                return
-            else:
-                self.reply("502 no")
-
-
-@pytest.fixture
-def fake_smtp() -> Iterator[FakeSmtp]:
-    server = FakeSmtp()
-    yield server
-    server.stop()
-
-
 def fake_options(port: int, **email: Any) -> Options:
     section: dict[str, Any] = {
         "user": {
@@ -756,9 +680,5 @@ def test_5xx_after_data_is_not_retried(fake_smtp: FakeSmtp) -> None:
 
 
 def test_bad_greeting_is_a_connect_error() -> None:
-    server = FakeSmtp(greeting="554 5.3.2 go away")
-    try:
-        with pytest.raises(ConnectError, match="554"):
-            SmtpEmailSender(fake_options(server.port)).connect()
-    finally:
-        server.stop()
+    with FakeSmtp(greeting="554 5.3.2 go away") as server, pytest.raises(ConnectError, match="554"):
+        SmtpEmailSender(fake_options(server.port)).connect()
