@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     # the local mail stack: standalone (standard library only)
     "emailmw.devserver": 6,
     "emailmw.devserver.__main__": 6,
+    "emailmw.devserver.certs": 6,
     "emailmw.devserver.cli": 6,
     "emailmw.devserver.configs": 6,
     "emailmw.devserver.errors": 6,

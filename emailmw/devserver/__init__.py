@@ -22,12 +22,14 @@ Errors::
 
     RuntimeError
     └── DevServerError             start, stop or admin command failed (.log_tail)
-        └── MailStackMissingError  packages not installed, or not root
+        ├── MailStackMissingError  packages not installed, or not root
+        └── PortInUseError         a daemon lost a free port to another process
 
 An ``atexit`` hook stops every server a program leaves running.
 
 Modules: :mod:`~emailmw.devserver.server` (:class:`DevServer`),
 :mod:`~emailmw.devserver.configs` (the daemons' config files),
+:mod:`~emailmw.devserver.certs` (the test CA and server certificate),
 :mod:`~emailmw.devserver.processes` (processes, ports and files),
 :mod:`~emailmw.devserver.install` (:func:`ensure_installed`),
 :mod:`~emailmw.devserver.errors`, :mod:`~emailmw.devserver.cli` (:func:`main`).
@@ -37,7 +39,7 @@ Standard library only: no other emailmw module.
 from __future__ import annotations
 
 from emailmw.devserver.cli import main
-from emailmw.devserver.errors import DevServerError, MailStackMissingError
+from emailmw.devserver.errors import DevServerError, MailStackMissingError, PortInUseError
 from emailmw.devserver.install import INSTALL_HINT, ensure_installed
 from emailmw.devserver.server import DevAccount, DevServer
 
@@ -47,6 +49,7 @@ __all__ = [
     "DevServer",
     "DevServerError",
     "MailStackMissingError",
+    "PortInUseError",
     "ensure_installed",
     "main",
 ]

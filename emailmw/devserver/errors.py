@@ -4,7 +4,8 @@
 
     RuntimeError
     └── DevServerError             start, stop or admin command failed (.log_tail)
-        └── MailStackMissingError  packages not installed, or not root
+        ├── MailStackMissingError  packages not installed, or not root
+        └── PortInUseError         a daemon lost a free port to another process
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The dev server: :class:`DevServer` drives one Dovecot + Postfix instance.
 
-It makes the root's directory tree, the test CA and server certificate, the
-configs (:mod:`emailmw.devserver.configs`) and the account files; starts each
-daemon and waits until its ports listen; stops it and waits until its processes
-are gone (:mod:`emailmw.devserver.processes`). Plus test helpers (new folders,
+It makes the root's directory tree, the test CA and server certificate
+(:mod:`emailmw.devserver.certs`), the configs (:mod:`emailmw.devserver.configs`)
+and the account files; starts each daemon and waits until its ports listen;
+stops it and waits until its processes are gone
+(:mod:`emailmw.devserver.processes`). Plus test helpers (new folders,
 APPEND, ``doveadm kick``) and the emailmw config for an account.
 
 An ``atexit`` hook stops every server a program leaves running.
@@ -24,7 +25,6 @@ import pathlib
 import re
 import secrets
 import shutil
-import signal
 import smtplib
 import ssl
 import subprocess
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from emailmw.devserver.certs import make_certs
 from emailmw.devserver.configs import (
     MAIL_UID,
     QUEUE_DIRS,
@@ -47,13 +48,14 @@ from emailmw.devserver.errors import DevServerError, PortInUseError
 from emailmw.devserver.install import DOVEADM, DOVECOT, POSTFIX, ensure_installed
 from emailmw.devserver.processes import (
     Proc,
-    descendants,
+    await_ready,
+    control,
     free_ports,
     group_id,
-    is_dovecot_log,
-    listening_ports,
+    orphan,
     read_pid_file,
     tail,
+    terminate,
     user_id,
     wait_until,
     write_atomic,
@@ -61,8 +63,7 @@ from emailmw.devserver.processes import (
 
 __all__ = ["DevAccount", "DevServer"]
 
-# the package's logger, as before the split
-logger = logging.getLogger("emailmw.devserver")
+logger = logging.getLogger(__name__)
 
 _PORT_NAMES = ("smtp", "smtps", "imap", "imaps")
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9._-]*[a-z0-9_-])?\Z")
@@ -283,7 +284,7 @@ class DevServer:
 
     def _postfix_reload(self, address: str) -> None:
         started = time.monotonic()
-        self._control([POSTFIX, "-c", str(self._postfix_dir), "reload"], self._postfix_log)
+        self._postfix_control("reload")
         if not wait_until(lambda: self._smtp_accepts(address), 10.0):
             raise DevServerError(
                 f"postfix still rejects {address} 10 s after reload", tail(self._postfix_log)
@@ -395,7 +396,7 @@ class DevServer:
             run = self._path("dovecot", "run")
             for stale in (run / "master.pid", run / "lmtp", run / "auth-postfix"):
                 stale.unlink(missing_ok=True)
-            # left by a master killed while it held it (see _terminate); a new one would wait
+            # left by a master killed while it held it (see processes.terminate); a new one waits
             self._path("dovecot", "state", "instances.lock").unlink(missing_ok=True)
             out_path = self._path("log", "dovecot.out")
             # Never a pipe: Dovecot keeps its stdio open. -F keeps the master our own
@@ -409,7 +410,7 @@ class DevServer:
                     start_new_session=True,  # Ctrl-C in a terminal is for us, not for it
                 )
             self._dovecot = Proc.of(self._dovecot_popen.pid)
-            self._await_ready(
+            await_ready(
                 "dovecot",
                 proc=self._dovecot,
                 ports=(self.imap_port, self.imaps_port),
@@ -419,21 +420,21 @@ class DevServer:
             )
             if self._postfix is not None and self._postfix.alive():
                 # deliver now what was deferred while Dovecot was down
-                self._control([POSTFIX, "-c", str(self._postfix_dir), "flush"], self._postfix_log)
+                self._postfix_control("flush")
 
     def stop_dovecot(self) -> None:
         """Stop Dovecot: SIGTERM to this instance's master; wait until it is gone."""
         with self._lock:
             proc, self._dovecot = self._dovecot, None
-            if proc is None:  # left running by an earlier, crashed run?
-                proc = self._orphan(
+            if proc is None and not self._removed:  # left running by an earlier, crashed run?
+                proc = orphan(
                     self._path("dovecot", "run", "master.pid"),
                     str(self._dovecot_conf).encode(),
                     "cmdline",
                 )
             try:
                 if proc is not None:
-                    self._terminate("dovecot", proc, dovecot=True)
+                    terminate("dovecot", proc, log_tail=self.log_tail, dovecot=True)
             finally:
                 popen, self._dovecot_popen = self._dovecot_popen, None
                 if popen is not None:
@@ -449,22 +450,21 @@ class DevServer:
             spool = self._path("postfix-spool")
             (spool / "quick-start").touch()  # skip postfix-script's slow integrity checks
             # "postfix start" returns once the master is initialised (master -w).
-            argv = [POSTFIX, "-c", str(self._postfix_dir), "start"]
             try:
-                self._control(argv, self._postfix_log)
+                self._postfix_control("start")
             except DevServerError:
                 # Seen once under heavy load: the master started ("daemon started" in
                 # the log) yet the control command exited 1. Judge by the master.
                 started = read_pid_file(spool / "pid" / "master.pid")
                 if started is None or not started.alive():
                     time.sleep(0.2)
-                    self._control(argv, self._postfix_log)  # one more try, or raise
+                    self._postfix_control("start")  # one more try, or raise
                 else:
                     logger.warning("postfix start exited 1 but its master runs; using it")
             self._postfix = read_pid_file(spool / "pid" / "master.pid")
             if self._postfix is None:
                 raise DevServerError("postfix exited right after start", tail(self._postfix_log))
-            self._await_ready(
+            await_ready(
                 "postfix",
                 proc=self._postfix,
                 ports=(self.smtp_port, self.smtps_port),
@@ -477,128 +477,19 @@ class DevServer:
         """Stop Postfix: SIGTERM to this instance's master; wait until it is gone."""
         with self._lock:
             proc, self._postfix = self._postfix, None
-            if proc is None:  # left running by an earlier, crashed run?
-                proc = self._orphan(
+            if proc is None and not self._removed:  # left running by an earlier, crashed run?
+                proc = orphan(
                     self._path("postfix-spool", "pid", "master.pid"),
                     f"MAIL_CONFIG={self._postfix_dir}".encode(),
                     "environ",
                 )
             if proc is not None:
-                self._terminate("postfix", proc)
+                terminate("postfix", proc, log_tail=self.log_tail)
 
-    # -------------------------------------------------------------- process control
-
-    def _orphan(self, pid_file: pathlib.Path, marker: bytes, where: str) -> Proc | None:
-        """A master of this root that an earlier process left running.
-
-        Recognised by ``marker`` in its ``/proc/PID/{where}`` (the config path
-        in Dovecot's command line; ``MAIL_CONFIG=`` in Postfix's environment),
-        so that a recycled pid is never signalled.
-        """
-        proc = None if self._removed else read_pid_file(pid_file)
-        if proc is None or not proc.alive():
-            return None
-        try:
-            info = pathlib.Path(f"/proc/{proc.pid}/{where}").read_bytes()
-        except OSError:
-            return None
-        return proc if marker in info.split(b"\0") else None
-
-    def _control(self, argv: list[str], log: pathlib.Path) -> None:
-        """Run a daemon's control command, its output to a file (never a pipe)."""
-        out_path = self._path("log", f"{pathlib.Path(argv[0]).name}.out")
-        with open(out_path, "ab") as out:
-            rc = subprocess.call(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-            )
-        if rc != 0:
-            raise _start_error(f"{' '.join(argv)} failed (exit status {rc})", out_path, log)
-
-    def _await_ready(
-        self,
-        what: str,
-        *,
-        proc: Proc | None,
-        ports: Sequence[int],
-        sockets: Sequence[pathlib.Path],
-        logs: Sequence[pathlib.Path],
-        timeout: float,
-    ) -> None:
-        def ready() -> bool:
-            if proc is None or not proc.alive():
-                raise _start_error(f"{what} exited during start", *logs)
-            return set(ports) <= listening_ports(proc.pid) and all(p.exists() for p in sockets)
-
-        if not wait_until(ready, timeout):
-            raise DevServerError(
-                f"{what} not listening on {list(ports)} after {timeout} s", tail(*logs)
-            )
-
-    def _terminate(
-        self,
-        what: str,
-        master: Proc,
-        *,
-        dovecot: bool = False,
-        timeout: float = 15.0,
-    ) -> None:
-        """SIGTERM ``master``; wait until it and its children are gone (not zombies).
-
-        A process's sockets are closed by the time it is a zombie, so its ports
-        are free then (checking the ports themselves would wait forever when
-        another process holds one of them).
-
-        Children still running after the master has exited get a SIGTERM too.
-        ``dovecot`` works around two quirks of Dovecot 2.3's master (measured):
-        it leaves imap processes that have a client behind (they notice ~10 s
-        later), so every child but the log process gets SIGTERM at once (an
-        imap process says ``BYE Server shutting down``); and once all else has
-        stopped, it SIGQUITs its log process and sleeps a fixed second, so it
-        is SIGKILLed when only the log process is left (which drains its pipes
-        and exits). Stop then takes ~0.05 s instead of 1.1 s or 10 s. The kill
-        can leave ``state_dir/instances.lock`` behind; :meth:`start_dovecot`
-        removes it (a new master would wait for that dotlock to go stale).
-        """
-        started = time.monotonic()
-        if not master.alive():  # killed from outside; its pid may be another process's now
-            first: list[Proc] = []
-            procs = {master}
-        else:
-            procs = {master, *descendants(master.pid)}
-            first = [master]
-        if dovecot:
-            first += [p for p in procs if p != master and not is_dovecot_log(p)]
-        for proc in first:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-        orphans_signalled = False
-
-        def gone() -> bool:
-            nonlocal orphans_signalled
-            if master.alive():
-                procs.update(descendants(master.pid))  # forked during shutdown
-            children = [p for p in procs if p != master and p.alive()]
-            if master.alive():
-                if dovecot and all(map(is_dovecot_log, children)):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(master.pid, signal.SIGKILL)
-            elif children and not orphans_signalled:
-                for child in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGTERM)
-                orphans_signalled = True
-            return not children and not master.alive()
-
-        if not wait_until(gone, timeout):
-            alive = sorted(p.pid for p in procs if p.alive())
-            logger.warning("%s did not stop within %.0f s; killing %s", what, timeout, alive)
-            for proc in procs:
-                if proc.alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGKILL)
-            if not wait_until(gone, 5.0):
-                raise DevServerError(f"{what} processes survived SIGKILL", self.log_tail())
-        logger.debug("%s stopped in %.3f s", what, time.monotonic() - started)
+    def _postfix_control(self, command: str) -> None:
+        """Run ``postfix COMMAND`` for this instance (see :func:`control`)."""
+        argv = [POSTFIX, "-c", str(self._postfix_dir), command]
+        control(argv, self._path("log", "postfix.out"), self._postfix_log)
 
     # -------------------------------------------------------------- files
 
@@ -632,7 +523,7 @@ class DevServer:
             path.mkdir(exist_ok=True)
             os.chown(path, uid, gid)
             path.chmod(mode)
-        self._make_certs()
+        make_certs(self._path("tls"), ca_name=f"emailmw dev CA {self._instance}")
         dovecot_conf = dovecot_config(
             self._root,
             instance=self._instance,
@@ -646,43 +537,6 @@ class DevServer:
         master_cf = postfix_master_cf(smtp_port=self.smtp_port, smtps_port=self.smtps_port)
         write_atomic(self._postfix_dir / "master.cf", master_cf, backdate=True)
         self._write_account_files()
-
-    def _make_certs(self) -> None:
-        tls = self._path("tls")
-        if all((tls / name).exists() for name in ("ca.pem", "cert.pem", "key.pem")):
-            return
-        started = time.monotonic()
-        (tls / "server.ext").write_text(
-            "basicConstraints = critical, CA:FALSE\n"
-            "keyUsage = critical, digitalSignature, keyEncipherment\n"
-            "extendedKeyUsage = serverAuth\n"
-            "subjectKeyIdentifier = hash\n"
-            "authorityKeyIdentifier = keyid, issuer\n"
-            "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
-        )
-        new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        commands = [
-            ["openssl", "req", "-x509", *new_key, "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "3650", "-subj", f"/CN=emailmw dev CA {self._instance}",
-             "-addext", "basicConstraints = critical, CA:TRUE",
-             "-addext", "keyUsage = critical, keyCertSign, cRLSign"],
-            ["openssl", "req", *new_key, "-keyout", "key.pem", "-out", "server.csr",
-             "-subj", "/CN=localhost"],
-            ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-set_serial", str(secrets.randbits(63)), "-days", "825",
-             "-extfile", "server.ext", "-out", "cert.pem"],
-        ]  # fmt: skip
-        for argv in commands:
-            done = subprocess.run(
-                argv, cwd=tls, stdin=subprocess.DEVNULL, capture_output=True, check=False
-            )
-            if done.returncode != 0:
-                raise DevServerError(
-                    f"{' '.join(argv[:3])} failed", done.stderr.decode("utf-8", "replace")
-                )
-        for name in ("ca.key", "key.pem"):
-            (tls / name).chmod(0o600)
-        logger.debug("test CA and server certificate made in %.3f s", time.monotonic() - started)
 
     # -------------------------------------------------------------- test helpers
 
@@ -809,12 +663,6 @@ class DevServer:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, yaml.safe_dump(self.config(acct, **kw), sort_keys=False), 0o600)
         return target
-
-
-def _start_error(message: str, *logs: pathlib.Path) -> DevServerError:
-    log_tail = tail(*logs)
-    cls = PortInUseError if "in use" in log_tail else DevServerError
-    return cls(message, log_tail)
 
 
 def _quote(mailbox: str) -> str:
