@@ -13,14 +13,20 @@ CI machine without the stack cannot go green by skipping them.
 ``tests/conftest.py`` makes the fixtures visible to every test file::
 
     from mailstack import dev_mailbox, dev_server  # noqa: F401
+
+:func:`stored_emails` reads what the mail system stored in a folder, as the
+raw bytes a receiver would get.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
+import time
 from collections.abc import Iterator
 
 import pytest
+from imapclient import IMAPClient
 
 from emailmw.devserver import DevServer, MailStackMissingError, ensure_installed
 
@@ -61,3 +67,30 @@ def dev_server() -> Iterator[DevServer]:
 def dev_mailbox(dev_server: DevServer) -> tuple[str, str]:
     """A fresh folder of alice's: ``(folder, address)``; mail to ``address`` lands in it."""
     return dev_server.new_mailbox("alice")
+
+
+def stored_emails(
+    server: DevServer, folder: str, count: int, account: str = "alice", timeout: float = 30.0
+) -> list[bytes]:
+    """The raw bytes of every email in ``account``'s ``folder`` (UID order), once
+    there are at least ``count``; fails if fewer arrive within ``timeout`` seconds."""
+    acct = server.account(account)
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    with IMAPClient(server.host, server.imaps_port, ssl=True, ssl_context=context) as imap:
+        imap.login(acct.address, acct.password)
+        imap.select_folder(folder, readonly=True)
+        deadline = time.monotonic() + timeout
+        uids: list[int] = []
+        while time.monotonic() < deadline:
+            imap.noop()  # let Dovecot sync the mailbox view (SEARCH alone may not for seconds)
+            uids = sorted(imap.search("ALL"))
+            if len(uids) >= count:
+                break
+            time.sleep(0.05)  # waiting on other processes: Postfix and Dovecot deliver
+        assert len(uids) >= count, f"only {len(uids)} of {count} emails arrived in {folder}"
+        raw: list[bytes] = []
+        for start in range(0, len(uids), 100):
+            chunk = uids[start : start + 100]
+            response = imap.fetch(chunk, ["BODY.PEEK[]"])
+            raw.extend(response[uid][b"BODY[]"] for uid in chunk)
+        return raw

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import random
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from imapclient import IMAPClient
+from mailstack import stored_emails
 
 import emailmw
 from emailmw.devserver import DevServer
@@ -77,26 +76,6 @@ SMOKE = [
 ]
 
 
-def fetch_stored(server: DevServer, account: str, folder: str, count: int) -> list[bytes]:
-    """The raw bytes of the emails in ``folder`` once there are at least ``count``."""
-    acct = server.account(account)
-    context = ssl.create_default_context(cafile=str(server.ca_file))
-    with IMAPClient(server.host, server.imaps_port, ssl=True, ssl_context=context) as imap:
-        imap.login(acct.address, acct.password)
-        imap.select_folder(folder, readonly=True)
-        deadline = time.monotonic() + EMAIL_WAIT
-        uids: list[int] = []
-        while time.monotonic() < deadline:
-            imap.noop()
-            uids = sorted(imap.search("ALL"))
-            if len(uids) >= count:
-                break
-            time.sleep(0.05)  # waiting on other processes (Postfix, Dovecot) to deliver
-        assert len(uids) >= count, f"only {len(uids)} of {count} emails in {folder}"
-        fetched = imap.fetch(uids, ["BODY.PEEK[]"])
-        return [fetched[uid][b"BODY[]"] for uid in uids]
-
-
 @contextlib.contextmanager
 def open_transport(spec: Spec, request: pytest.FixtureRequest) -> Iterator[Transport]:
     """A running context over ``spec``'s transport; shut down afterwards."""
@@ -120,7 +99,7 @@ def open_transport(spec: Spec, request: pytest.FixtureRequest) -> Iterator[Trans
             spec,
             ctx,
             EMAIL_WAIT,
-            stored=lambda count: fetch_stored(server, "alice", folder, count),
+            stored=lambda count: stored_emails(server, folder, count, timeout=EMAIL_WAIT),
         )
     finally:
         ctx.shutdown()

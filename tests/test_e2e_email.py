@@ -9,7 +9,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from typing import IO, Any
 
 import pytest
 import yaml
-from imapclient import IMAPClient
+from mailstack import stored_emails
 
 import emailmw
 from emailmw.devserver import DevServer
@@ -71,26 +70,6 @@ def contexts() -> Iterator[Callable[[emailmw.Options], emailmw.Context]]:
     yield make
     for ctx in made:
         ctx.shutdown()
-
-
-def stored_emails(server: DevServer, account: str, folder: str, count: int) -> list[bytes]:
-    """The raw emails in ``folder`` once there are at least ``count``."""
-    acct = server.account(account)
-    context = ssl.create_default_context(cafile=str(server.ca_file))
-    with IMAPClient(server.host, server.imaps_port, ssl=True, ssl_context=context) as imap:
-        imap.login(acct.address, acct.password)
-        imap.select_folder(folder, readonly=True)
-        deadline = time.monotonic() + WAIT
-        uids: list[int] = []
-        while time.monotonic() < deadline:
-            imap.noop()
-            uids = sorted(imap.search("ALL"))
-            if len(uids) >= count:
-                break
-            time.sleep(0.05)  # waiting on Postfix and Dovecot, other processes
-        assert len(uids) >= count, f"only {len(uids)} of {count} emails in {folder}"
-        fetched = imap.fetch(uids, ["BODY.PEEK[]"])
-        return [fetched[uid][b"BODY[]"] for uid in uids]
 
 
 def header_block(raw: bytes) -> str:
@@ -204,7 +183,7 @@ def test_bcc_recipients_get_the_mail_but_no_bcc_header(
     assert message == "for alice, and bob in secret"
     assert info.publisher_gid == pub.gid
     for account, folder in (("alice", alice_folder), ("bob", bob_folder)):
-        (raw,) = stored_emails(dev_server, account, folder, 1)
+        (raw,) = stored_emails(dev_server, folder, 1, account, timeout=WAIT)
         headers = header_block(raw)
         lines = [line.lower() for line in headers.splitlines()]
         assert not any(line.startswith("bcc:") for line in lines), headers

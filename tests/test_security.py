@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import pytest
 from fake_smtp import FakeImap, FakeSmtp
-from imapclient import IMAPClient
+from mailstack import stored_emails
 
 from emailmw import (
     AuthenticationError,
@@ -127,25 +126,6 @@ def server_options(server: DevServer, folder: str, address: str, **email: Any) -
     )
     config["email"].update({"from": address, **email})
     return Options.from_dict(config)
-
-
-def folder_raw(server: DevServer, folder: str, count: int, timeout: float = 30.0) -> list[bytes]:
-    """The raw emails in ``folder`` (once there are ``count``), in UID order."""
-    acct = server.account("alice")
-    context = ssl.create_default_context(cafile=str(server.ca_file))
-    with IMAPClient(server.host, server.imaps_port, ssl=True, ssl_context=context) as imap:
-        imap.login(acct.address, acct.password)
-        imap.select_folder(folder, readonly=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            imap.noop()
-            uids = sorted(imap.search("ALL"))
-            if len(uids) >= count or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)  # test helper: Postfix delivers asynchronously
-        assert len(uids) >= count
-        data = imap.fetch(uids, ["BODY.PEEK[]"])
-        return [data[uid][b"BODY[]"] for uid in uids]
 
 
 def drain(sub: Subscription) -> list[str]:
@@ -438,7 +418,7 @@ def captured(dev_server: DevServer) -> Captured:
         server.send_response(request.id, "genuine response")
         assert wait_for_response(seq, client, timeout=30.0) == "genuine response"
         assert ctx.stats().dropped_total == 0
-    raws = folder_raw(dev_server, folder, 3)
+    raws = stored_emails(dev_server, folder, 3)
     kinds: dict[str, bytes] = {}
     for raw in raws:
         email = decoded(raw)
@@ -698,7 +678,7 @@ def test_a_receiver_with_a_key_drops_mail_from_senders_without_one(
             sender.send(email.content, email.headers)
         finally:
             sender.close()
-    folder_raw(dev_server, victim.folder, 2)  # both stored: the sentinel comes after them
+    stored_emails(dev_server, victim.folder, 2)  # both stored: the sentinel comes after them
     drops, _ = victim.settle()
     assert drops == {"unsigned": 1, "bad_signature": 1}
     assert sub.get_message() is None
@@ -747,7 +727,7 @@ def test_allowed_senders_over_smtp(dev_server: DevServer, victim_factory: Any) -
             sender.send(email.content, email.headers)
         finally:
             sender.close()
-    folder_raw(dev_server, victim.folder, 2)  # both stored: the sentinel comes after them
+    stored_emails(dev_server, victim.folder, 2)  # both stored: the sentinel comes after them
     drops, delivered = victim.settle(sentinel_from="bob@example.test")
     assert drops == {"sender_not_allowed": 1}
     assert delivered == ["from bob"]

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import smtplib
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -19,8 +18,7 @@ from typing import Any
 
 import pytest
 from fake_smtp import FakeSmtp, fake_smtp_fixture  # noqa: F401  (fixture)
-from imapclient import IMAPClient
-from mailstack import require_mailstack
+from mailstack import require_mailstack, stored_emails
 
 from emailmw.devserver import DevServer
 from emailmw.errors import (
@@ -97,32 +95,6 @@ def mailbox_options(
     return make_options(server, extra=extra, **email), folder, address
 
 
-def fetch(
-    server: DevServer, folder: str, count: int, account: str = "alice", timeout: float = 30.0
-) -> list[bytes]:
-    """The raw bytes of every email in ``folder`` once there are at least ``count``."""
-    acct = server.account(account)
-    context = ssl.create_default_context(cafile=str(server.ca_file))
-    with IMAPClient(server.host, server.imaps_port, ssl=True, ssl_context=context) as imap:
-        imap.login(acct.address, acct.password)
-        imap.select_folder(folder, readonly=True)
-        deadline = time.monotonic() + timeout
-        uids: list[int] = []
-        while time.monotonic() < deadline:
-            imap.noop()  # let Dovecot sync the mailbox view (SEARCH alone may not for seconds)
-            uids = sorted(imap.search("ALL"))
-            if len(uids) >= count:
-                break
-            time.sleep(0.05)  # test helper only: wait for Postfix to deliver
-        assert len(uids) >= count, f"only {len(uids)} of {count} emails arrived in {folder}"
-        raw: list[bytes] = []
-        for start in range(0, len(uids), 100):
-            chunk = uids[start : start + 100]
-            response = imap.fetch(chunk, ["BODY.PEEK[]"])
-            raw.extend(response[uid][b"BODY[]"] for uid in chunk)
-        return raw
-
-
 def decode_all(raw: list[bytes], *, duplicates: bool = False) -> dict[str, EmailData]:
     """Decoded emails by Message-ID; a second copy of one fails unless ``duplicates``."""
     emails: dict[str, EmailData] = {}
@@ -143,7 +115,7 @@ def collect(
     (Postfix delivers at least once: a restart during delivery can deliver twice)."""
     deadline = time.monotonic() + timeout
     while True:
-        received = decode_all(fetch(server, folder, len(message_ids)), duplicates=True)
+        received = decode_all(stored_emails(server, folder, len(message_ids)), duplicates=True)
         if set(message_ids) <= set(received) or time.monotonic() > deadline:
             return received
         time.sleep(0.1)
@@ -213,7 +185,7 @@ def test_awkward_bodies_and_subjects_arrive_exactly(dev_server: DevServer, tls_m
             message_id = smtp.send(EmailContent(subject, body), EmailHeaders(headers))
             sent[message_id] = (subject, body, headers)
     assert stats.snapshot().sent == len(BODIES)
-    received = decode_all(fetch(dev_server, folder, len(sent)))
+    received = decode_all(stored_emails(dev_server, folder, len(sent)))
     assert set(received) == set(sent)
     for message_id, (subject, body, headers) in sent.items():
         email = received[message_id]
@@ -234,7 +206,7 @@ def test_ten_megabyte_body_arrives_exactly(dev_server: DevServer, line_end: str)
         message_id = smtp.send(EmailContent("/big", body), EmailHeaders(METADATA))
         elapsed = time.perf_counter() - started
     logging.getLogger(__name__).info("10 MB send took %.3f s", elapsed)
-    email = decode_all(fetch(dev_server, folder, 1))[message_id]
+    email = decode_all(stored_emails(dev_server, folder, 1))[message_id]
     assert email.content.body == body
     assert elapsed < 20
 
@@ -245,8 +217,8 @@ def test_bcc_is_delivered_but_not_in_the_headers(dev_server: DevServer) -> None:
     options = make_options(dev_server, recipients={"to": to_address, "bcc": bcc_address})
     with sender(options) as smtp:
         message_id = smtp.send(EmailContent("/bcc", "secret copy"), EmailHeaders(METADATA))
-    to_raw = fetch(dev_server, to_folder, 1)[0]
-    bcc_raw = fetch(dev_server, bcc_folder, 1, account="bob")[0]
+    to_raw = stored_emails(dev_server, to_folder, 1)[0]
+    bcc_raw = stored_emails(dev_server, bcc_folder, 1, account="bob")[0]
     for raw in (to_raw, bcc_raw):
         header_block = raw.split(b"\r\n\r\n", 1)[0].lower()
         assert b"\nbcc:" not in header_block
@@ -267,7 +239,7 @@ def test_reply_threads_to_the_original(dev_server: DevServer) -> None:
             EmailContent("/service", "request"),
             EmailHeaders({"Client-GID": "7", "Request-Sequence-Number": "1"}),
         )
-    request = decode_all(fetch(dev_server, folder, 1))[request_id]
+    request = decode_all(stored_emails(dev_server, folder, 1))[request_id]
     assert request.from_ == address
     with sender(bob_options) as bob:
         reply_id = bob.reply(
@@ -275,7 +247,7 @@ def test_reply_threads_to_the_original(dev_server: DevServer) -> None:
             request,
             EmailHeaders({"Client-GID": "7", "Request-Sequence-Number": "1"}),
         )
-    raw = fetch(dev_server, folder, 2)
+    raw = stored_emails(dev_server, folder, 2)
     reply = decode_all(raw)[reply_id]
     assert reply.in_reply_to == request_id
     assert reply.content == EmailContent("/service", "response\r\n")
@@ -293,9 +265,9 @@ def test_signed_emails_verify_after_the_trip(dev_server: DevServer) -> None:
         smtp.set_signing_key(key)
         request_id = smtp.send(EmailContent("/signed", "line\r\nbody é"), headers)
         assert headers == EmailHeaders(METADATA)  # the caller's headers are left alone
-        request = decode_all(fetch(dev_server, folder, 1))[request_id]
+        request = decode_all(stored_emails(dev_server, folder, 1))[request_id]
         reply_id = smtp.reply(EmailContent("/signed", "reply"), request, EmailHeaders(METADATA))
-    received = decode_all(fetch(dev_server, folder, 2))
+    received = decode_all(stored_emails(dev_server, folder, 2))
     assert verify_signature(received[request_id], key) is True
     assert verify_signature(received[reply_id], key) is True
     assert received[reply_id].in_reply_to == request_id
@@ -311,7 +283,7 @@ def test_send_raw_sends_the_bytes_as_they_are(dev_server: DevServer) -> None:
         assert smtp.send_raw(raw) == "<raw.1@example.test>"
         with pytest.raises(ValueError):
             smtp.send_raw(b"  \r\n")
-    email = decode_all(fetch(dev_server, folder, 1))["<raw.1@example.test>"]
+    email = decode_all(stored_emails(dev_server, folder, 1))["<raw.1@example.test>"]
     assert email.content == EmailContent("/raw", "hand made")
 
 
@@ -568,7 +540,7 @@ def test_concurrent_sends_are_delivered_exactly_once(dev_server: DevServer) -> N
             thread.join(60)
     assert not errors
     assert len(ids) == len(set(ids)) == 200
-    received = decode_all(fetch(dev_server, folder, 200))
+    received = decode_all(stored_emails(dev_server, folder, 200))
     assert set(received) == set(ids)
     bodies = sorted(email.content.body for email in received.values())
     assert bodies == sorted(f"thread {t} message {i}" for t in range(4) for i in range(50))
