@@ -252,7 +252,7 @@ def emailmw_receiver(conn: Connection, config: dict[str, Any], n: int, idle_seco
         options = emailmw.Options.from_dict(config)
         with emailmw.Context(options) as ctx:
             sub = emailmw.Subscription(TOPIC, depth=max(n, 1000), context=ctx)
-            receiver = ctx.receiver
+            receiver = ctx._receiver
 
             def commands_of() -> int:
                 return int(getattr(receiver, "commands_sent", -1))

@@ -15,13 +15,14 @@ import threading
 import weakref
 from types import TracebackType
 
-from emailmw.dispatch.handlers import ServiceHandler, SubscriptionHandler
+from emailmw.dispatch.core import DeliveryCore
 from emailmw.dispatch.polling import PollingManager
 from emailmw.errors import ContextError
 from emailmw.options import Options
 from emailmw.security import AdmissionPolicy
 from emailmw.stats import Stats, StatsCounters
 from emailmw.transport import EmailReceiver, EmailSender, create_transport
+from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 from emailmw.waitable import Waitable, Waiter
 
 __all__ = ["Context", "ContextState", "get_global_context", "init", "shutdown", "stats"]
@@ -32,9 +33,11 @@ OptionsLike = Options | str | os.PathLike[str] | None
 
 
 class ContextState(enum.Enum):
-    """Where a context is in its life."""
+    """Where a context is in its life: created → starting (connecting) → running →
+    shut down."""
 
     CREATED = "created"
+    STARTING = "starting"
     RUNNING = "running"
     SHUT_DOWN = "shut down"
 
@@ -70,41 +73,59 @@ class Context:
         self._waitables: weakref.WeakSet[Waitable] = weakref.WeakSet()
         self._sender: EmailSender | None = None
         self._receiver: EmailReceiver | None = None
+        self._core: DeliveryCore | None = None
         self._polling_manager: PollingManager | None = None
-        self.subscription_handler = SubscriptionHandler(
-            self._stats, reorder_window=self._options.reorder_window
-        )
-        self.service_handler = ServiceHandler(self._stats)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def init(self) -> Context:
-        """Connect the transport and start the polling thread; returns ``self``."""
+        """Connect the transport and start the polling thread; returns ``self``.
+
+        The connection is made without holding the context's lock: a
+        :meth:`shutdown` from another thread meanwhile aborts it, and this call
+        then raises :class:`~emailmw.ContextError`.
+        """
         with self._lock:
             if self._state is not ContextState.CREATED:
                 raise ContextError(f"cannot init a context that is {self._state.value}")
             key = self._options.resolve_signing_key()  # a ConfigError before any connection
             sender, receiver = create_transport(self._options, self._stats)
-            try:
-                sender.connect()
-                receiver.connect()
-            except BaseException:
-                sender.close()
-                receiver.close()
-                raise
-            sender.set_signing_key(key)
-            admission = AdmissionPolicy(
-                key,
-                max_age=self._options.max_age,
-                allowed_senders=self._options.allowed_senders,
-            )
-            polling_manager = PollingManager(receiver, self._stats, admission)
-            polling_manager.register_handler(self.subscription_handler)
-            polling_manager.register_handler(self.service_handler)
             self._sender, self._receiver = sender, receiver
-            self._polling_manager = polling_manager
-            self._state = ContextState.RUNNING
-            polling_manager.start()
+            self._state = ContextState.STARTING
+        try:
+            sender.connect()
+            receiver.connect()
+        except BaseException:
+            with self._lock:
+                aborted = self._state is ContextState.SHUT_DOWN
+                self._state = ContextState.SHUT_DOWN
+            self._close_transport()
+            if aborted:
+                raise ContextError("context was shut down while connecting") from None
+            raise
+        sender.set_signing_key(key)
+        admission = AdmissionPolicy(
+            key, max_age=self._options.max_age, allowed_senders=self._options.allowed_senders
+        )
+        core = DeliveryCore(
+            self._stats,
+            reorder_window=self._options.reorder_window,
+            horizon_ns=receiver.start_time_ns,
+            admission=admission,
+        )
+        polling_manager = PollingManager(receiver, core)
+        with self._lock:
+            if self._state is not ContextState.STARTING:  # shut down meanwhile
+                aborted = True
+            else:
+                aborted = False
+                self._core = core
+                self._polling_manager = polling_manager
+                self._state = ContextState.RUNNING
+                polling_manager.start()
+        if aborted:
+            self._close_transport()
+            raise ContextError("context was shut down while connecting")
         logger.info(
             "context running (%s)",
             "intraprocess" if self._options.intraprocess else "SMTP/IMAP",
@@ -115,29 +136,39 @@ class Context:
         """Stop the polling thread, close the transport and wake every waiter.
 
         Returns True if this call shut the context down, False if it was not
-        running. Anything used afterwards raises :class:`~emailmw.ContextError`.
+        running (or starting). Prompt: a ``publish()`` stuck on a silent server
+        is aborted (it raises), a receive in progress is aborted, and the
+        polling thread is gone when this returns (within about a second).
+        Anything used afterwards raises :class:`~emailmw.ContextError`.
         """
         with self._lock:
-            if self._state is not ContextState.RUNNING:
-                self._state = ContextState.SHUT_DOWN
-                return False
+            previous = self._state
             self._state = ContextState.SHUT_DOWN
+            if previous not in (ContextState.RUNNING, ContextState.STARTING):
+                return False
             waiters = list(self._waiters)
             waitables = list(self._waitables)
+            polling_manager = self._polling_manager
         for waiter in waiters:
             waiter.set()
         for waitable in waitables:
             waitable._wake()
-        if self._polling_manager is not None:
-            self._polling_manager.shutdown(timeout=1.0)
-        for closeable in (self._receiver, self._sender):
+        if polling_manager is not None:
+            polling_manager.stop()
+        self._close_transport()
+        if polling_manager is not None:
+            polling_manager.shutdown(timeout=1.0)
+        logger.info("context shut down")
+        return True
+
+    def _close_transport(self) -> None:
+        """Close sender and receiver (each aborts what it has in progress)."""
+        for closeable in (self._sender, self._receiver):
             if closeable is not None:
                 try:
                     closeable.close()
                 except Exception:
                     logger.exception("error while closing %r", closeable)
-        logger.info("context shut down")
-        return True
 
     def __enter__(self) -> Context:
         if self._state is ContextState.CREATED:
@@ -171,32 +202,6 @@ class Context:
         """The configuration."""
         return self._options
 
-    @property
-    def sender(self) -> EmailSender:
-        """The email sender (raises :class:`ContextError` unless running)."""
-        self._check()
-        assert self._sender is not None
-        return self._sender
-
-    @property
-    def receiver(self) -> EmailReceiver:
-        """The email receiver (raises :class:`ContextError` unless running)."""
-        self._check()
-        assert self._receiver is not None
-        return self._receiver
-
-    @property
-    def polling_manager(self) -> PollingManager:
-        """The polling manager (raises :class:`ContextError` unless running)."""
-        self._check()
-        assert self._polling_manager is not None
-        return self._polling_manager
-
-    @property
-    def stats_counters(self) -> StatsCounters:
-        """The live counters (see :meth:`stats` for a snapshot)."""
-        return self._stats
-
     def stats(self) -> Stats:
         """A snapshot of the counters: sent, received, delivered, dropped by reason..."""
         return self._stats.snapshot()
@@ -205,12 +210,44 @@ class Context:
         mode = "intraprocess" if self._options.intraprocess else "email"
         return f"<Context {mode} {self._state.value}>"
 
-    # -- internal: used by entities and waiting ----------------------------------------
+    # -- internal: used by the entities (pubsub, service) and by waiting ------------------
+
+    @property
+    def _counters(self) -> StatsCounters:
+        """The live counters (see :meth:`stats` for a snapshot)."""
+        return self._stats
+
+    @property
+    def _delivery(self) -> DeliveryCore:
+        """The delivery core that entities register with (raises unless it was started)."""
+        core = self._core
+        if core is None:
+            self._check()
+            raise ContextError("context is shut down")
+        return core
+
+    def _send(self, content: EmailContent, headers: EmailHeaders) -> str:
+        """Send a new email through the context's sender; return its Message-ID."""
+        sender = self._sender
+        if sender is None or self._state is not ContextState.RUNNING:
+            self._check()
+        assert sender is not None
+        return sender.send(content, headers)
+
+    def _reply(self, content: EmailContent, original: EmailData, headers: EmailHeaders) -> str:
+        """Send a reply to ``original``; return its Message-ID."""
+        sender = self._sender
+        if sender is None or self._state is not ContextState.RUNNING:
+            self._check()
+        assert sender is not None
+        return sender.reply(content, original, headers)
 
     def _check(self) -> None:
         if self._state is not ContextState.RUNNING:
             if self._state is ContextState.CREATED:
                 raise ContextError("context is not initialized: call init() first")
+            if self._state is ContextState.STARTING:
+                raise ContextError("context is still connecting: wait for init() to return")
             raise ContextError("context is shut down")
 
     def _attach_waiter(self, waiter: Waiter) -> None:
@@ -238,16 +275,28 @@ def init(options: OptionsLike = None) -> Context:
 
     ``options`` is an :class:`Options`, a path to a YAML config file, or
     ``None`` to find the config file (``$EMAIL_CONFIG_FILE``, ``./email.yml``,
-    ``~/email.yml``). Raises :class:`ContextError` if already initialized.
+    ``~/email.yml``). Raises :class:`ContextError` if already initialized (or
+    being initialized by another thread). The connection is made without
+    holding the global lock, so :func:`shutdown` can abort it.
     """
     global _global_context
+    context = Context(options)
     with _global_lock:
-        if _global_context is not None and _global_context.ok:
+        previous = _global_context
+        if previous is not None and previous.state in (
+            ContextState.STARTING,
+            ContextState.RUNNING,
+        ):
             raise ContextError("emailmw is already initialized: call shutdown() first")
-        context = Context(options)
-        context.init()
         _global_context = context
-        return context
+    try:
+        context.init()
+    except BaseException:
+        with _global_lock:
+            if _global_context is context:
+                _global_context = previous
+        raise
+    return context
 
 
 def shutdown() -> bool:

@@ -8,25 +8,25 @@ import time
 from collections import deque
 from collections.abc import Mapping
 
-from emailmw.context import Context, resolve_context
+from emailmw.context import Context
+from emailmw.entity import Entity, check_depth
 from emailmw.info import (
     HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
     HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
     HEADER_SOURCE_TIMESTAMP,
-    Gid,
     MessageInfo,
 )
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailHeaders
-from emailmw.validation import validate_headers, validate_name
+from emailmw.validation import validate_headers
 from emailmw.waitable import Waitable
 
 __all__ = ["Publisher", "Subscription"]
 
 
-class Publisher:
+class Publisher(Entity):
     """Publishes messages on one topic: each message is one email.
 
     The email's subject is the topic name and its body the message; the
@@ -37,10 +37,10 @@ class Publisher:
     (``Previous-Number``), so that subscribers do not wait for the failed one.
     """
 
+    _kind = "topic"
+
     def __init__(self, topic_name: str, *, context: Context | None = None) -> None:
-        self._topic_name = validate_name(topic_name, "topic")
-        self._context = resolve_context(context)
-        self._gid = Gid.new()
+        self._setup(topic_name, context)
         self._gid_text = self._gid.to_string()
         self._numbers = itertools.count(1)
         # The last message the transport accepted: (publication number, timestamp).
@@ -50,12 +50,7 @@ class Publisher:
     @property
     def topic_name(self) -> str:
         """The topic."""
-        return self._topic_name
-
-    @property
-    def gid(self) -> Gid:
-        """This publisher's unique id (the ``Publisher-GID`` of its messages)."""
-        return self._gid
+        return self._name
 
     def publish(self, message: str, additional_headers: Mapping[str, str] | None = None) -> None:
         """Send ``message``; returns once the transport accepted it.
@@ -74,7 +69,7 @@ class Publisher:
             for name, value in validate_headers(additional_headers).items():
                 headers[name] = value
         headers[HEADER_PUBLISHER_GID] = self._gid_text
-        content = EmailContent(self._topic_name, message)
+        content = EmailContent(self._name, message)
         with self._numbers_lock:  # numbered and stamped in the order they are sent
             stamp = time.time_ns()
             number = next(self._numbers)
@@ -88,14 +83,11 @@ class Publisher:
             # A send that raises keeps its number used: the email may still have
             # been stored (a reply lost after the data was accepted), and a
             # reused number would make two different messages collide.
-            context.sender.send(content, headers)
+            context._send(content, headers)
             self._accepted = (number, stamp)
 
-    def __repr__(self) -> str:
-        return f"<Publisher {self._topic_name!r} gid={self._gid.value}>"
 
-
-class Subscription(Waitable):
+class Subscription(Entity, Waitable):
     """Receives the messages published on one topic, in arrival order.
 
     Messages wait in a bounded queue of ``depth`` entries (default: the
@@ -103,30 +95,23 @@ class Subscription(Waitable):
     counted in :meth:`Context.stats` as ``queue_full``.
     """
 
-    __slots__ = ("_closed", "_context", "_depth", "_gid", "_queue", "_topic_name")
+    __slots__ = ("_closed", "_context", "_depth", "_gid", "_name", "_queue")
+    _kind = "topic"
 
     def __init__(
         self, topic_name: str, *, depth: int | None = None, context: Context | None = None
     ) -> None:
-        super().__init__()
-        self._topic_name = validate_name(topic_name, "topic")
-        self._context = resolve_context(context)
-        self._context._register_waitable(self)
-        self._depth = _check_depth(depth, self._context)
-        self._gid = Gid.new()
+        Waitable.__init__(self)
+        self._setup(topic_name, context)
+        self._depth = check_depth(depth, self._context)
         self._queue: deque[tuple[str, MessageInfo]] = deque()
-        self._closed = False
-        self._context.subscription_handler.register_subscription(self._topic_name, self)
+        self._context._register_waitable(self)
+        self._context._delivery.register_subscription(self._name, self)
 
     @property
     def topic_name(self) -> str:
         """The topic."""
-        return self._topic_name
-
-    @property
-    def gid(self) -> Gid:
-        """This subscription's unique id."""
-        return self._gid
+        return self._name
 
     @property
     def depth(self) -> int:
@@ -149,16 +134,10 @@ class Subscription(Waitable):
         with self._lock:
             return self._queue.popleft() if self._queue else None
 
-    def close(self) -> None:
-        """Stop receiving new messages (waiting ones can still be taken). Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._context.subscription_handler.unregister_subscription(self._topic_name, self)
-
-    def __repr__(self) -> str:
-        return f"<Subscription {self._topic_name!r} gid={self._gid.value}>"
-
     # -- internal ------------------------------------------------------------------------
+
+    def _unregister(self) -> None:
+        self._context._delivery.unregister_subscription(self._name, self)
 
     @property
     def _waitable_context(self) -> Context:
@@ -172,15 +151,7 @@ class Subscription(Waitable):
             queue = self._queue
             if len(queue) >= self._depth:
                 queue.popleft()
-                self._context.stats_counters.drop(DropReason.QUEUE_FULL)
+                self._context._counters.drop(DropReason.QUEUE_FULL)
             queue.append((message, info))
             for waiter in self._waiters:
                 waiter.set()
-
-
-def _check_depth(depth: int | None, context: Context) -> int:
-    if depth is None:
-        return context.options.queue_depth
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive int, got {depth!r}")
-    return depth

@@ -13,7 +13,8 @@ import logging
 import time
 from collections import OrderedDict, deque
 
-from emailmw.context import Context, resolve_context
+from emailmw.context import Context
+from emailmw.entity import Entity, check_depth
 from emailmw.errors import UnknownRequestError
 from emailmw.info import (
     HEADER_CLIENT_GID,
@@ -24,10 +25,8 @@ from emailmw.info import (
     ServiceRequest,
     ServiceRequestId,
 )
-from emailmw.pubsub import _check_depth
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
-from emailmw.validation import validate_name
 from emailmw.waitable import Waitable
 
 __all__ = ["ServiceClient", "ServiceServer"]
@@ -49,7 +48,7 @@ def _service_headers(client_gid: Gid, sequence_number: int) -> EmailHeaders:
     return headers
 
 
-class ServiceClient(Waitable):
+class ServiceClient(Entity, Waitable):
     """Sends requests to a service and collects the responses.
 
     :meth:`send_request` returns a sequence number unique to this client;
@@ -62,43 +61,33 @@ class ServiceClient(Waitable):
         "_context",
         "_depth",
         "_gid",
+        "_name",
         "_next_sequence_number",
         "_pending",
         "_responses",
         "_sequence",
-        "_service_name",
     )
+    _kind = "service"
 
     def __init__(
         self, service_name: str, *, depth: int | None = None, context: Context | None = None
     ) -> None:
-        super().__init__()
-        self._service_name = validate_name(service_name, "service")
-        self._context = resolve_context(context)
-        self._context._register_waitable(self)
-        self._depth = _check_depth(depth, self._context)
+        Waitable.__init__(self)
+        self._setup(service_name, context)
+        self._depth = check_depth(depth, self._context)
         self._sequence = itertools.count(1)
         self._next_sequence_number = 1
         self._pending: OrderedDict[int, None] = OrderedDict()
         self._responses: dict[int, tuple[str, ServiceInfo]] = {}
-        self._closed = False
-        while True:
-            self._gid = Gid.new()
-            try:
-                self._context.service_handler.register_service_client(self._gid, self)
-                break
-            except ValueError:  # GID collision with another client of this context
-                continue
+        self._context._register_waitable(self)
+        delivery = self._context._delivery
+        while not delivery.register_service_client(self._gid, self):
+            self._gid = Gid.new()  # GID collision with another client of this context
 
     @property
     def service_name(self) -> str:
         """The service."""
-        return self._service_name
-
-    @property
-    def gid(self) -> Gid:
-        """This client's unique id (the ``Client-GID`` of its requests)."""
-        return self._gid
+        return self._name
 
     def send_request(self, request: str) -> int:
         """Send ``request``; return its sequence number. Returns once the transport
@@ -114,8 +103,8 @@ class ServiceClient(Waitable):
             if len(self._pending) > MAX_PENDING_REQUESTS:
                 self._pending.popitem(last=False)
         try:
-            context.sender.send(
-                EmailContent(self._service_name, request),
+            context._send(
+                EmailContent(self._name, request),
                 _service_headers(self._gid, sequence_number),
             )
         except BaseException:
@@ -149,16 +138,10 @@ class ServiceClient(Waitable):
                 sequence_number = next(iter(self._responses))
             return self._responses.pop(sequence_number, None)
 
-    def close(self) -> None:
-        """Stop receiving responses. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._context.service_handler.unregister_service_client(self._gid)
-
-    def __repr__(self) -> str:
-        return f"<ServiceClient {self._service_name!r} gid={self._gid.value}>"
-
     # -- internal ------------------------------------------------------------------------
+
+    def _unregister(self) -> None:
+        self._context._delivery.unregister_service_client(self._gid)
 
     @property
     def _waitable_context(self) -> Context:
@@ -169,7 +152,7 @@ class ServiceClient(Waitable):
 
     def _push_response(self, message: str, info: ServiceInfo) -> bool:
         """Keep a response; False if it was dropped (a duplicate, or never requested)."""
-        counters = self._context.stats_counters
+        counters = self._context._counters
         with self._lock:
             if info.sequence_number not in self._pending:
                 # Numbers this client handed out already were answered before (or
@@ -188,38 +171,31 @@ class ServiceClient(Waitable):
         return True
 
 
-class ServiceServer(Waitable):
+class ServiceServer(Entity, Waitable):
     """Receives requests for a service and sends responses back.
 
     Requests wait in a bounded queue of ``depth`` entries (the oldest dropped
     beyond that). Answer each one with :meth:`send_response` and its id.
     """
 
-    __slots__ = ("_closed", "_context", "_depth", "_gid", "_originals", "_queue", "_service_name")
+    __slots__ = ("_closed", "_context", "_depth", "_gid", "_name", "_originals", "_queue")
+    _kind = "service"
 
     def __init__(
         self, service_name: str, *, depth: int | None = None, context: Context | None = None
     ) -> None:
-        super().__init__()
-        self._service_name = validate_name(service_name, "service")
-        self._context = resolve_context(context)
-        self._context._register_waitable(self)
-        self._depth = _check_depth(depth, self._context)
-        self._gid = Gid.new()
+        Waitable.__init__(self)
+        self._setup(service_name, context)
+        self._depth = check_depth(depth, self._context)
         self._queue: deque[tuple[ServiceRequest, ServiceInfo]] = deque()
         self._originals: OrderedDict[ServiceRequestId, EmailData] = OrderedDict()
-        self._closed = False
-        self._context.service_handler.register_service_server(self._service_name, self)
+        self._context._register_waitable(self)
+        self._context._delivery.register_service_server(self._name, self)
 
     @property
     def service_name(self) -> str:
         """The service."""
-        return self._service_name
-
-    @property
-    def gid(self) -> Gid:
-        """This server's unique id."""
-        return self._gid
+        return self._name
 
     def has_request(self) -> bool:
         """True if a request is waiting."""
@@ -253,11 +229,11 @@ class ServiceServer(Waitable):
             raise UnknownRequestError(
                 f"no request {request_id.sequence_number} from client "
                 f"{request_id.client_gid.value} is waiting for a response on "
-                f"{self._service_name!r}"
+                f"{self._name!r}"
             )
         try:
-            context.sender.reply(
-                EmailContent(self._service_name, response),
+            context._reply(
+                EmailContent(self._name, response),
                 original,
                 _service_headers(request_id.client_gid, request_id.sequence_number),
             )
@@ -266,16 +242,10 @@ class ServiceServer(Waitable):
                 self._originals[request_id] = original
             raise
 
-    def close(self) -> None:
-        """Stop receiving requests. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._context.service_handler.unregister_service_server(self._service_name, self)
-
-    def __repr__(self) -> str:
-        return f"<ServiceServer {self._service_name!r} gid={self._gid.value}>"
-
     # -- internal ------------------------------------------------------------------------
+
+    def _unregister(self) -> None:
+        self._context._delivery.unregister_service_server(self._name, self)
 
     @property
     def _waitable_context(self) -> Context:
@@ -289,12 +259,12 @@ class ServiceServer(Waitable):
         request = ServiceRequest(request_id, email.content.body)
         with self._lock:
             if request_id in self._originals:
-                self._context.stats_counters.drop(DropReason.DUPLICATE)
+                self._context._counters.drop(DropReason.DUPLICATE)
                 return
             if len(self._queue) >= self._depth:
                 dropped, _ = self._queue.popleft()
                 self._originals.pop(dropped.id, None)
-                self._context.stats_counters.drop(DropReason.QUEUE_FULL)
+                self._context._counters.drop(DropReason.QUEUE_FULL)
             self._queue.append((request, info))
             self._originals[request_id] = email
             # Requests taken but never answered: keep their originals bounded too.

@@ -13,12 +13,9 @@ from __future__ import annotations
 import _thread
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from emailmw.context import Context
-
-__all__ = ["Waitable", "Waiter", "block_until"]
+__all__ = ["WaitOwner", "Waitable", "Waiter", "block_until"]
 
 T = TypeVar("T")
 
@@ -51,6 +48,24 @@ class Waiter:
         return self._lock.acquire(True, -1 if timeout is None else timeout)
 
 
+class WaitOwner(Protocol):
+    """What waiting needs of the object a waitable belongs to (a context): a
+    check that raises once it is shut down, and a way to be woken by its
+    shutdown. Waiting depends on this, not on the context itself."""
+
+    def _check(self) -> None:
+        """Raise (a :class:`~emailmw.ContextError`) unless running."""
+        ...
+
+    def _attach_waiter(self, waiter: Waiter) -> None:
+        """Set ``waiter`` when shut down (at once if it is already)."""
+        ...
+
+    def _detach_waiter(self, waiter: Waiter) -> None:
+        """Stop setting ``waiter``."""
+        ...
+
+
 class Waitable:
     """Base of everything a wait set can wait on.
 
@@ -65,8 +80,8 @@ class Waitable:
         self._waiters: list[Waiter] = []
 
     @property
-    def _waitable_context(self) -> Context | None:
-        """The context whose shutdown must wake waiters of this object, if any."""
+    def _waitable_context(self) -> WaitOwner | None:
+        """The owner (context) whose shutdown must wake waiters of this object, if any."""
         return None
 
     def _is_ready(self) -> bool:
@@ -93,7 +108,7 @@ def block_until(
     attempt: Callable[[], T | None],
     waitables: Iterable[Waitable],
     timeout: float | None,
-    contexts: Iterable[Context] = (),
+    contexts: Iterable[WaitOwner] = (),
 ) -> T | None:
     """Call ``attempt`` until it returns something other than ``None``.
 
@@ -111,11 +126,11 @@ def block_until(
     if result is not None or timeout == 0:
         return result
     items = list(waitables)
-    ctxs: set[Context] = {*extra}
+    ctxs: list[WaitOwner] = list(extra)
     for item in items:
         owner = item._waitable_context
-        if owner is not None:
-            ctxs.add(owner)
+        if owner is not None and all(owner is not c for c in ctxs):
+            ctxs.append(owner)
     waiter = Waiter()
     for item in items:
         item._attach(waiter)

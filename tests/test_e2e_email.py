@@ -240,7 +240,7 @@ def test_shutdown_while_in_idle_is_prompt(dev_server: DevServer, receive_mode: s
     ctx = emailmw.Context(options(dev_server, receive_mode=receive_mode)).init()
     try:
         sub = emailmw.Subscription("/idle", context=ctx)
-        receiver: Any = ctx.receiver
+        receiver: Any = ctx._receiver
         wait_until(lambda: receiver.mode == "idle")
         time.sleep(0.2)  # well into the IDLE wait
         assert receiver.mode == "idle"

@@ -49,9 +49,11 @@ LAYERS: dict[str, int] = {
     "emailmw.dispatch.handlers": 2,
     "emailmw.dispatch.polling": 2,
     "emailmw.dispatch.ordering": 2,
+    "emailmw.dispatch.core": 2,
     # 3 context
     "emailmw.context": 3,
     # 4 entities
+    "emailmw.entity": 4,
     "emailmw.pubsub": 4,
     "emailmw.service": 4,
     # 5 waiting on entities
@@ -90,7 +92,7 @@ STANDALONE_PACKAGES = {"emailmw.devserver"}
 
 TRANSPORT = {m for m, layer in LAYERS.items() if layer == 1}
 DISPATCH = {m for m, layer in LAYERS.items() if layer == 2}
-ENTITIES = {"emailmw.pubsub", "emailmw.service", "emailmw.wait"}
+ENTITIES = {"emailmw.entity", "emailmw.pubsub", "emailmw.service", "emailmw.wait"}
 APPLICATIONS = {m for m, layer in LAYERS.items() if layer == 6}
 
 
@@ -297,7 +299,6 @@ def test_type_only_imports_are_the_known_ones() -> None:
     )
     assert upward == [
         ("emailmw.security", "emailmw.transport.data"),
-        ("emailmw.waitable", "emailmw.context"),
     ]
 
 

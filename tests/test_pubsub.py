@@ -429,12 +429,12 @@ class FlakySender:
     after being sent ("stored", as when the server's answer is lost)."""
 
     def __init__(self, ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real_send = ctx.sender.send
+        self.real_send = ctx._sender.send
         self.headers: dict[str, dict[str, str]] = {}
         self.lost: set[str] = set()
         self.stored: set[str] = set()
         self.held: dict[str, tuple[Any, Any]] = {}
-        monkeypatch.setattr(ctx.sender, "send", self.send)
+        monkeypatch.setattr(ctx._sender, "send", self.send)
 
     def send(self, content: Any, headers: Any = None) -> str:
         self.headers[content.body] = dict(headers or {})

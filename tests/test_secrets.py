@@ -163,7 +163,7 @@ def test_intraprocess_round_shows_no_secret(
     )
     with Context(options) as ctx:
         full_round(ctx, "/secret/intra", "/secret/svc")
-        texts = [*object_texts(options=options, context=ctx, sender=ctx.sender)]
+        texts = [*object_texts(options=options, context=ctx, sender=ctx._sender)]
     out, err = capfd.readouterr()
     texts += [*record_texts(debug_logs.records), ("stdout", out), ("stderr", err)]
     secrets = {"password": encodings(FAKE_PASSWORD), "signing key": encodings(SIGNING_KEY)}
@@ -258,9 +258,9 @@ def test_a_round_over_the_mail_servers_shows_no_secret(
             options=options,
             user=options.user,
             context=ctx,
-            sender=ctx.sender,
-            receiver=ctx.receiver,
-            polling_manager=ctx.polling_manager,
+            sender=ctx._sender,
+            receiver=ctx._receiver,
+            polling_manager=ctx._polling_manager,
         )
     # and the failures: a wrong password, for each server
     wrong = dev_server.config("alice", mailbox=folder, tls=tls)

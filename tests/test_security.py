@@ -372,7 +372,7 @@ def test_intraprocess_signed_traffic_flows_and_injections_are_dropped() -> None:
         request = wait_for_request(server, timeout=5.0)
         server.send_response(request.id, "answer")
         assert wait_for_response(seq, client, timeout=5.0) == "answer"
-        receiver = ctx.receiver
+        receiver = ctx._receiver
         assert hasattr(receiver, "deliver")
         unsigned = signed_email("/t", "unsigned", None)
         receiver.deliver(unsigned)
@@ -627,7 +627,7 @@ def test_forged_altered_replayed_and_unsigned_emails_are_dropped(
     # each drop is counted under what is wrong with the email (forged copies that keep
     # the genuine Message-ID are bad signatures, not harmless duplicates)
     assert not miscounted, "\n".join(miscounted)
-    assert victim.ctx.polling_manager.running
+    assert victim.ctx._polling_manager.running
 
 
 @pytest.mark.mailstack

@@ -14,7 +14,6 @@ counted as malformed; one that carries none of them is not for these handlers.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Protocol
 
@@ -71,14 +70,14 @@ class ResponseSink(Protocol):
 
 
 class EmailHandler:
-    """Base of the handlers: a callable that takes an email or declines it."""
+    """Base of the handlers: takes an email (True) or declines it (False).
+
+    Handlers keep no lock of their own: :class:`~emailmw.dispatch.core.DeliveryCore`
+    calls every method under its lock.
+    """
 
     def __init__(self, stats: StatsCounters) -> None:
         self._stats = stats
-        self._lock = threading.Lock()
-
-    def __call__(self, email: EmailData) -> bool:
-        return self.handle(email)
 
     def handle(self, email: EmailData) -> bool:
         """Route ``email``; return True if it was for this handler."""
@@ -87,7 +86,7 @@ class EmailHandler:
     def _malformed(self, email: EmailData, reason: str) -> bool:
         logger.warning(
             "dropping malformed email %s (subject %r): %s",
-            email.message_id,
+            email.message_id[:100],
             email.content.subject[:80],
             reason,
         )
@@ -96,43 +95,39 @@ class EmailHandler:
 
 
 class SubscriptionHandler(EmailHandler):
-    """Routes messages to subscriptions by topic.
+    """Routes messages to subscriptions by topic, in each publisher's order.
 
-    Messages numbered by their publisher (``Publication-Number``) are delivered
-    in that order (see :mod:`emailmw.dispatch.ordering`): one that overtook an
-    earlier one in the mail system is held back until the earlier one arrives,
-    or for at most ``reorder_window`` seconds. Call :meth:`expire` at
-    :meth:`next_deadline`.
+    Every numbered message (``Publication-Number``) is reported to the order,
+    whether a subscription wants it or not, so that the order knows where each
+    stream is when a subscription comes (see :mod:`emailmw.dispatch.ordering`).
     """
 
-    def __init__(self, stats: StatsCounters, reorder_window: float = REORDER_WINDOW) -> None:
+    def __init__(
+        self,
+        stats: StatsCounters,
+        order: PublicationOrder[tuple[str, MessageInfo]],
+        reorder_window: float = REORDER_WINDOW,
+    ) -> None:
         super().__init__(stats)
+        self._order = order
         self._reorder_window = reorder_window
         self._subscriptions: dict[str, tuple[MessageSink, ...]] = {}
-        self._order: PublicationOrder[tuple[str, MessageInfo]] = PublicationOrder(reorder_window)
-        self._order_lock = threading.Lock()
-        self._since: dict[str, int] = {}
 
-    def register_subscription(self, topic_name: str, subscription: MessageSink) -> None:
+    def register(self, topic_name: str, subscription: MessageSink) -> None:
         """Deliver messages on ``topic_name`` to ``subscription`` from now on."""
-        with self._lock:
-            subs = self._subscriptions.get(topic_name, ())
-            self._subscriptions[topic_name] = (*subs, subscription)
-            self._since.setdefault(topic_name, time.time_ns())
+        subs = self._subscriptions.get(topic_name, ())
+        self._subscriptions[topic_name] = (*subs, subscription)
 
-    def unregister_subscription(self, topic_name: str, subscription: MessageSink) -> None:
+    def unregister(self, topic_name: str, subscription: MessageSink) -> None:
         """Stop delivering to ``subscription``."""
-        with self._lock:
-            subs = tuple(
-                s for s in self._subscriptions.get(topic_name, ()) if s is not subscription
-            )
-            if subs:
-                self._subscriptions[topic_name] = subs
-            else:
-                self._subscriptions.pop(topic_name, None)
+        subs = tuple(s for s in self._subscriptions.get(topic_name, ()) if s is not subscription)
+        if subs:
+            self._subscriptions[topic_name] = subs
+        else:
+            self._subscriptions.pop(topic_name, None)
 
     def handle(self, email: EmailData) -> bool:
-        """Deliver a message to the subscriptions on its topic."""
+        """Deliver a message to the subscriptions on its topic (False: nobody wants it)."""
         headers = email.headers
         gid_text = headers.get(HEADER_PUBLISHER_GID)
         if gid_text is None or email.in_reply_to:
@@ -144,11 +139,12 @@ class SubscriptionHandler(EmailHandler):
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
         topic = email.content.subject
-        if not self._subscriptions.get(topic):
-            return False
-        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid)
+        wanted = bool(self._subscriptions.get(topic))
         number_text = headers.get(HEADER_PUBLICATION_NUMBER)
         if number_text is None:  # not numbered (another implementation): as it comes
+            if not wanted:
+                return False
+            info = MessageInfo(stamp, Timestamp(time.time_ns()), gid)
             self._deliver(topic, [(email.content.body, info)])
             return True
         number = parse_sequence_number(number_text)
@@ -167,29 +163,27 @@ class SubscriptionHandler(EmailHandler):
                     email, f"bad {HEADER_PREVIOUS_NUMBER} {previous_number_text[:40]!r}"
                 )
             previous_number = parsed
-        with self._order_lock:
-            ready = self._order.add(
-                topic,
-                gid.value,
-                number,
-                previous_ns=None if previous is None else previous.nanoseconds,
-                since_ns=self._since.get(topic, 0),
-                item=(email.content.body, info),
-                previous_number=previous_number,
-            )
-        self._deliver(topic, ready)
-        return True
-
-    def next_deadline(self) -> float | None:
-        """When :meth:`expire` has something to do (monotonic), or None."""
-        with self._order_lock:
-            return self._order.next_deadline()
+        item = None
+        if wanted:
+            item = (email.content.body, MessageInfo(stamp, Timestamp(time.time_ns()), gid))
+        ready = self._order.add(
+            topic,
+            gid.value,
+            number,
+            previous_number=previous_number,
+            previous_ns=None if previous is None else previous.nanoseconds,
+            source_ns=stamp.nanoseconds,
+            item=item,
+        )
+        if ready:
+            self._deliver(topic, ready)
+        return wanted
 
     def expire(self) -> None:
         """Deliver what was held back longer than the window, giving up the gaps."""
-        with self._order_lock:
-            released = self._order.expire()
-        for topic, ready in released:
+        for topic, ready in self._order.expire():
+            if not ready:
+                continue
             logger.warning(
                 "%d message(s) on %r waited %.1f s for an earlier one of their publisher "
                 "that did not arrive; delivering them",
@@ -215,31 +209,28 @@ class ServiceHandler(EmailHandler):
         self._servers: dict[str, tuple[RequestSink, ...]] = {}
         self._clients: dict[int, ResponseSink] = {}
 
-    def register_service_server(self, service_name: str, server: RequestSink) -> None:
+    def register_server(self, service_name: str, server: RequestSink) -> None:
         """Deliver requests for ``service_name`` to ``server`` from now on."""
-        with self._lock:
-            self._servers[service_name] = (*self._servers.get(service_name, ()), server)
+        self._servers[service_name] = (*self._servers.get(service_name, ()), server)
 
-    def unregister_service_server(self, service_name: str, server: RequestSink) -> None:
+    def unregister_server(self, service_name: str, server: RequestSink) -> None:
         """Stop delivering to ``server``."""
-        with self._lock:
-            servers = tuple(s for s in self._servers.get(service_name, ()) if s is not server)
-            if servers:
-                self._servers[service_name] = servers
-            else:
-                self._servers.pop(service_name, None)
+        servers = tuple(s for s in self._servers.get(service_name, ()) if s is not server)
+        if servers:
+            self._servers[service_name] = servers
+        else:
+            self._servers.pop(service_name, None)
 
-    def register_service_client(self, gid: Gid, client: ResponseSink) -> None:
-        """Deliver responses addressed to ``gid`` to ``client`` from now on."""
-        with self._lock:
-            if gid.value in self._clients:
-                raise ValueError(f"a client with GID {gid.value} is already registered")
-            self._clients[gid.value] = client
+    def register_client(self, gid: Gid, client: ResponseSink) -> bool:
+        """Deliver responses addressed to ``gid`` to ``client``; False if ``gid`` is taken."""
+        if gid.value in self._clients:
+            return False
+        self._clients[gid.value] = client
+        return True
 
-    def unregister_service_client(self, gid: Gid) -> None:
+    def unregister_client(self, gid: Gid) -> None:
         """Stop delivering responses addressed to ``gid``."""
-        with self._lock:
-            self._clients.pop(gid.value, None)
+        self._clients.pop(gid.value, None)
 
     def handle(self, email: EmailData) -> bool:
         """Deliver a request to its servers, or a response to its client."""

@@ -3,68 +3,123 @@
 Mail servers do not keep order: Postfix hands messages to the mailbox over
 several connections at once, and a deferred message is retried seconds later.
 Each publisher therefore numbers its messages (``Publication-Number``: 1, 2,
-3, ...) and says when it published the one before (``Previous-Timestamp``,
-nanoseconds; absent on number 1). After a ``publish()`` that raised, the next
-message names the last one the transport accepted (``Previous-Number``); the
-numbers in between may never come. :class:`PublicationOrder` releases each
-publisher's messages in number order:
+3, ...) and names its predecessor: the number before (or, after a
+``publish()`` that raised, the last number the transport accepted:
+``Previous-Number``) and when that one was published (``Previous-Timestamp``).
 
-* a message that overtook an earlier one is held back until the earlier one
-  arrives, or until its stream has released nothing for ``window`` seconds
-  (each release restarts the window, so a backlog that is being read is not
-  given up); then the gap is given up (the late message, if it ever comes, is
-  released when it comes);
-* numbers between a message and its ``Previous-Number`` (failed publishes) are
-  not waited for once everything up to that number was released; a failed
-  message that was stored after all is released when it comes;
-* where a stream starts is learned from the first messages seen: a message's
-  predecessor is waited for only if it was published after the topic's first
-  subscription was made (less :data:`CLOCK_SKEW`). A subscriber that starts
-  late never waits for messages published before it existed, and one that
-  starts early still gets the first messages in order.
+:class:`PublicationOrder` releases each stream (topic, publisher) as a chain:
+a message is released once its predecessor was released. The rules:
+
+* **Learned from everything seen.** The caller reports every numbered message
+  it sees, whether a subscription wants it or not (``item=None``), so a
+  subscription made later never waits for a message that went by before it.
+* **Where a stream starts.** The first message seen of a stream waits for its
+  predecessor only if that predecessor was published after the *horizon*: the
+  moment the receiver took its start position (or, for streams forgotten under
+  the stream bound, the newest publish time among them). A message published
+  before the horizon could not be received, so it is never waited for.
+* **Held at most a window.** A message whose predecessor is missing is held
+  until the predecessor comes, or until its stream has released nothing for
+  ``window`` seconds (each release restarts the window); then everything the
+  stream holds is released in number order and the chain continues from there.
+* **Forgery cannot take a stream over.** Nothing jumps ahead: a message only
+  links to the number it names. An email that forges a live publisher's GID
+  with a huge number is held (its predecessor never comes) and released by
+  itself once the stream pauses for a window, or at once if it names a
+  released predecessor; the genuine chain goes on untouched either way. A
+  number released or held already is released as it
+  comes (a repeated number is delivered, never held or dropped); a late
+  message whose predecessor was released recently is released when it comes.
+
+Memory is bounded: :data:`MAX_TRACKED_STREAMS` streams, each remembering its
+last :data:`RECENT_NUMBERS` released numbers and holding at most
+:data:`MAX_HELD_PER_STREAM` messages (beyond that the stream's gap is given up
+at once). Not thread-safe: the caller serializes calls (see
+:class:`emailmw.dispatch.core.DeliveryCore`).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["CLOCK_SKEW_NS", "MAX_TRACKED_STREAMS", "PublicationOrder"]
+__all__ = [
+    "MAX_HELD_PER_STREAM",
+    "MAX_TRACKED_STREAMS",
+    "RECENT_NUMBERS",
+    "PublicationOrder",
+]
 
 T = TypeVar("T")
 
-#: Allowance for clocks of different hosts when comparing publish times with
-#: the moment a subscription was made (nanoseconds).
-CLOCK_SKEW_NS = 1_000_000_000
 #: How many streams (topic, publisher) are tracked; beyond that the least
 #: recently active ones with nothing held back are forgotten.
 MAX_TRACKED_STREAMS = 10_000
+#: How many released numbers each stream remembers (its predecessors-to-be).
+RECENT_NUMBERS = 64
+#: How many messages one stream may hold back before its gap is given up.
+MAX_HELD_PER_STREAM = 10_000
 
 
 @dataclass(slots=True)
 class _Held(Generic[T]):
-    item: T
-    previous_number: int  # the publisher's last accepted message before this one
-    previous_ns: int | None  # and when it was published
+    number: int
+    previous_number: int
+    source_ns: int
+    item: T | None
 
 
 @dataclass(slots=True)
 class _Stream(Generic[T]):
-    expected: int
-    guessing: bool = True
+    topic: str
+    last: int = -1  # the last number released (the usual predecessor)
+    last_ns: int = 0  # when the newest released message was published
+    recent: set[int] = field(default_factory=set)
+    recent_order: deque[int] = field(default_factory=deque)
     held: dict[int, _Held[T]] = field(default_factory=dict)
+    waiting: dict[int, list[int]] = field(default_factory=dict)  # predecessor -> held
     deadline: float | None = None
 
 
 class PublicationOrder(Generic[T]):
-    """Releases items of each stream in publication-number order. Not thread-safe:
-    the caller serializes calls."""
+    """Releases the items of each stream in chain order (see the module docstring).
 
-    def __init__(self, window: float) -> None:
+    ``horizon_ns``: wall-clock nanoseconds of the receiver's start position.
+    ``clock``: the monotonic clock for windows (replaceable in tests).
+    """
+
+    def __init__(
+        self,
+        window: float,
+        *,
+        horizon_ns: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_streams: int = MAX_TRACKED_STREAMS,
+    ) -> None:
         self._window = window
+        self._horizon_ns = horizon_ns
+        self._clock = clock
+        self._max_streams = max_streams
         self._streams: OrderedDict[tuple[str, int], _Stream[T]] = OrderedDict()
+        self._holding: dict[tuple[str, int], _Stream[T]] = {}
+
+    @property
+    def horizon_ns(self) -> int:
+        """Predecessors published before this (wall-clock ns) are never waited for."""
+        return self._horizon_ns
+
+    @property
+    def stream_count(self) -> int:
+        """How many streams are tracked now."""
+        return len(self._streams)
+
+    @property
+    def held_count(self) -> int:
+        """How many messages are held back now, over every stream."""
+        return sum(len(s.held) for s in self._holding.values())
 
     def add(
         self,
@@ -72,89 +127,129 @@ class PublicationOrder(Generic[T]):
         publisher: int,
         number: int,
         *,
+        previous_number: int,
         previous_ns: int | None,
-        since_ns: int,
-        item: T,
-        previous_number: int | None = None,
+        source_ns: int,
+        item: T | None,
     ) -> list[T]:
-        """Record ``item`` and return what may be released now, in order.
+        """Record publication ``number`` and return the items released now, in order.
 
-        ``item`` is publication ``number`` of ``publisher`` on ``topic``; its
-        predecessor is ``previous_number`` (default ``number - 1``; lower when
-        publishes in between failed), published at ``previous_ns``. ``since_ns``
-        is when the topic's first subscription was made.
+        ``previous_number`` is its predecessor (0: none), published at
+        ``previous_ns`` (None if unknown); ``source_ns`` is when ``number`` was
+        published. ``item`` is what to release (None: nobody wants it, only
+        learn from it; it is then never held).
         """
-        if previous_number is None:
-            previous_number = number - 1
         key = (topic, publisher)
         stream = self._streams.get(key)
         if stream is None:
-            self._forget_idle()  # before adding: the new stream holds nothing yet
-            stream = self._streams[key] = _Stream(expected=number)
+            self._make_room()
+            stream = self._streams[key] = _Stream(topic)
+            if previous_ns is None or previous_ns < self._horizon_ns:
+                previous_number = 0  # published before we could see it: not waited for
         else:
             self._streams.move_to_end(key)
-        if number < stream.expected and not stream.guessing:
-            return [item]  # late: its place was given up already
-        stream.held[number] = _Held(item, previous_number, previous_ns)
-        if stream.guessing:
-            # Walk back while the lowest message's predecessor was published after
-            # the subscription existed: that one should arrive too.
-            lowest = min(stream.held)
-            held = stream.held[lowest]
-            stream.expected = lowest
-            if (
-                held.previous_number >= 1
-                and held.previous_ns is not None
-                and held.previous_ns >= since_ns - CLOCK_SKEW_NS
-            ):
-                stream.expected = held.previous_number
-            else:
-                stream.guessing = False
-        return self._release(stream)
-
-    def _release(self, stream: _Stream[T]) -> list[T]:
-        ready = []
-        held = stream.held
-        while held:
-            if stream.expected not in held:
-                # Skip numbers whose publish() raised: the lowest held message's
-                # accepted predecessor was released (or given up) already.
-                lowest = min(held)
-                if held[lowest].previous_number >= stream.expected:
-                    break
-                stream.expected = lowest
-            ready.append(held.pop(stream.expected).item)
-            stream.expected += 1
-        if not stream.held:
-            stream.deadline = None
-        elif ready or stream.deadline is None:
-            stream.deadline = time.monotonic() + self._window
+        if number in stream.recent or number in stream.held:
+            # Released or held already (a reused or forged number): as it comes,
+            # without touching the chain.
+            return [] if item is None else [item]
+        if (
+            item is not None
+            and previous_number not in (0, stream.last)
+            and previous_number not in stream.recent
+        ):
+            self._hold(key, stream, _Held(number, previous_number, source_ns, item))
+            return []
+        ready: list[T] = []
+        self._release(stream, number, source_ns, item, ready)
+        self._progress(key, stream)
         return ready
 
     def next_deadline(self) -> float | None:
-        """When :meth:`expire` has something to release (monotonic seconds), or None."""
-        deadlines = [s.deadline for s in self._streams.values() if s.deadline is not None]
-        return min(deadlines, default=None)
+        """When :meth:`expire` has something to release (the clock's seconds), or None."""
+        deadline = None
+        for stream in self._holding.values():
+            if stream.deadline is not None and (deadline is None or stream.deadline < deadline):
+                deadline = stream.deadline
+        return deadline
 
     def expire(self) -> list[tuple[str, list[T]]]:
-        """Give up the gaps held longer than the window: ``(topic, items)`` to release."""
-        now = time.monotonic()
+        """Give up the gaps of streams idle past their deadline: ``(topic, items)``."""
+        now = self._clock()
         out = []
-        for (topic, _), stream in self._streams.items():
+        for key, stream in list(self._holding.items()):
             if stream.deadline is not None and stream.deadline <= now:
-                numbers = sorted(stream.held)
-                out.append((topic, [stream.held.pop(n).item for n in numbers]))
-                stream.expected = numbers[-1] + 1
-                stream.guessing = False
-                stream.deadline = None
+                out.append((stream.topic, self._give_up(key, stream)))
         return out
 
-    def _forget_idle(self) -> None:
+    # -- internal -------------------------------------------------------------------
+
+    def _hold(self, key: tuple[str, int], stream: _Stream[T], held: _Held[T]) -> None:
+        stream.held[held.number] = held
+        stream.waiting.setdefault(held.previous_number, []).append(held.number)
+        self._holding[key] = stream
+        if stream.deadline is None:
+            stream.deadline = self._clock() + self._window
+        if len(stream.held) > MAX_HELD_PER_STREAM:
+            stream.deadline = self._clock()  # the next expire() gives the gap up
+
+    def _release(
+        self, stream: _Stream[T], number: int, source_ns: int, item: T | None, ready: list[T]
+    ) -> None:
+        """Release ``number`` and, in turn, every held message chained to it."""
+        todo = [(number, item)]
+        while todo:
+            n, it = todo.pop()
+            self._remember(stream, n)
+            if it is not None:
+                ready.append(it)
+            followers = stream.waiting.pop(n, None)
+            if followers:
+                for m in sorted(followers, reverse=True):
+                    held = stream.held.pop(m, None)
+                    if held is not None:
+                        todo.append((m, held.item))
+        stream.last_ns = max(stream.last_ns, source_ns)
+
+    def _remember(self, stream: _Stream[T], number: int) -> None:
+        stream.last = number
+        if number not in stream.recent:
+            stream.recent.add(number)
+            stream.recent_order.append(number)
+            if len(stream.recent_order) > RECENT_NUMBERS:
+                stream.recent.discard(stream.recent_order.popleft())
+
+    def _progress(self, key: tuple[str, int], stream: _Stream[T]) -> None:
+        if stream.held:
+            stream.deadline = self._clock() + self._window
+        else:
+            stream.deadline = None
+            self._holding.pop(key, None)
+
+    def _give_up(self, key: tuple[str, int], stream: _Stream[T]) -> list[T]:
+        ready: list[T] = []
+        while stream.held:
+            lowest = min(stream.held)
+            held = stream.held.pop(lowest)
+            waiting = stream.waiting.get(held.previous_number)
+            if waiting is not None:
+                waiting.remove(lowest)
+                if not waiting:
+                    del stream.waiting[held.previous_number]
+            self._release(stream, lowest, held.source_ns, held.item, ready)
+        stream.waiting.clear()
+        stream.deadline = None
+        self._holding.pop(key, None)
+        return ready
+
+    def _make_room(self) -> None:
         """Make room for one more stream: when the bound is reached, forget the least
-        recently active streams that hold nothing, down to half the bound."""
-        if len(self._streams) < MAX_TRACKED_STREAMS:
+        recently active streams that hold nothing, down to half the bound. Their
+        newest publish time becomes the horizon, so a forgotten stream that speaks
+        again is not made to wait for a predecessor it released already."""
+        if len(self._streams) < self._max_streams:
             return
         for key in [k for k, s in self._streams.items() if not s.held]:
-            del self._streams[key]
-            if len(self._streams) <= MAX_TRACKED_STREAMS // 2:
+            stream = self._streams.pop(key)
+            self._horizon_ns = max(self._horizon_ns, stream.last_ns + 1)
+            if len(self._streams) <= self._max_streams // 2:
                 break

@@ -298,6 +298,9 @@ class ImapEmailReceiver(EmailReceiver):
                 return
             self._closed = True
         self.interrupt()
+        session = self._session
+        if session is not None:
+            session.abort()  # a read blocked on a silent server returns at once
         if self._io_lock.acquire(timeout=_CLOSE_WAIT):
             try:
                 self._finalize()
@@ -379,6 +382,7 @@ class ImapEmailReceiver(EmailReceiver):
         if self._uidvalidity is None:
             self._uidvalidity = session.uidvalidity
             self._next_uid = session.uidnext
+            self._start_time_ns = time.time_ns()  # the start position is taken
             self._first_connect_date = datetime.now(UTC)
         elif session.uidvalidity != self._uidvalidity:
             logger.warning(

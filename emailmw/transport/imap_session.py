@@ -329,6 +329,14 @@ class Session:
 
     # -- the end --------------------------------------------------------------------
 
+    def abort(self) -> None:
+        """Shut the socket down; callable from any thread. A read blocked on it
+        returns at once and the session is lost (:class:`ConnectionLostError`)."""
+        sock = getattr(self.imap, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self, polite: bool) -> None:
         """Log out (``polite``) or just drop the connection. Never raises."""
         try:

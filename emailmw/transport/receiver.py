@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 
 from emailmw.transport.data import EmailData
@@ -20,12 +21,25 @@ class EmailReceiver(abc.ABC):
     and :meth:`close` may be called from any other thread.
     """
 
-    def connect(self) -> None:  # noqa: B027 - optional hook
+    _start_time_ns: int | None = None
+
+    def connect(self) -> None:
         """Open connections eagerly so that configuration errors surface at ``init()``.
 
         Emails already in the mailbox when this is called are not received:
-        a receiver starts at the mailbox's next UID.
+        a receiver starts at the mailbox's next UID. Implementations record
+        when they took that position (:attr:`start_time_ns`).
         """
+        if self._start_time_ns is None:
+            self._start_time_ns = time.time_ns()
+
+    @property
+    def start_time_ns(self) -> int:
+        """Wall-clock nanoseconds at which the receiver took its start position:
+        a message published before it may be missing, and is never waited for."""
+        if self._start_time_ns is None:
+            self._start_time_ns = time.time_ns()
+        return self._start_time_ns
 
     @abc.abstractmethod
     def receive(self, timeout: float | None) -> list[EmailData]:

@@ -24,6 +24,7 @@ One persistent :mod:`smtplib` connection, opened by :meth:`~SmtpEmailSender.conn
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import random
@@ -60,6 +61,7 @@ _BACKOFF_START = 0.05
 _BACKOFF_MAX = 2.0
 _IDLE_CHECK_AFTER = 30.0
 _QUIT_TIMEOUT = 2.0
+_CLOSE_WAIT = 1.0  # how long close() waits for a send in progress to let go
 _MIN_STEP_TIMEOUT = 0.5  # a last attempt at the deadline still gets this long per step
 _AUTH_PREFERENCE = ("PLAIN", "LOGIN")
 
@@ -123,6 +125,7 @@ class SmtpEmailSender(EmailSender):
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._conn: smtplib.SMTP | None = None
+        self._opening: smtplib.SMTP | None = None  # a connection being opened
         self._ever_connected = False
         self._last_used = 0.0
         self._tls_mode = "none"
@@ -224,9 +227,19 @@ class SmtpEmailSender(EmailSender):
             }
 
     def close(self) -> None:
-        """Say QUIT and drop the connection. Idempotent; the sender cannot be used afterwards."""
+        """Say QUIT and drop the connection. Idempotent; the sender cannot be used afterwards.
+
+        Callable from any thread, and prompt: a send blocked on a silent server
+        has its socket shut down (that send raises :class:`~emailmw.SmtpError`)
+        and this waits at most a second for it to let go.
+        """
         self._closing.set()
-        with self._lock:
+        for conn in (self._conn, self._opening):
+            _abort(conn)
+        if not self._lock.acquire(timeout=_CLOSE_WAIT):
+            logger.debug("closing %s while a send lets go of the connection", self._label)
+            return  # the sending thread sees _closing and drops the connection
+        try:
             conn, self._conn = self._conn, None
             if conn is None:
                 return
@@ -236,6 +249,8 @@ class SmtpEmailSender(EmailSender):
             except (OSError, smtplib.SMTPException):
                 conn.close()
             logger.debug("closed SMTP connection to %s", self._label)
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------ sending
 
@@ -394,6 +409,7 @@ class SmtpEmailSender(EmailSender):
             conn = smtplib.SMTP(
                 address.host, address.port, local_hostname="localhost", timeout=remaining()
             )
+        self._opening = conn  # close() can abort the steps that follow the greeting
         try:
             conn.local_hostname = self._ehlo_name(conn.sock)
             _set_timeout(conn, remaining())
@@ -415,6 +431,8 @@ class SmtpEmailSender(EmailSender):
         except BaseException:
             conn.close()
             raise
+        finally:
+            self._opening = None
         _set_timeout(conn, self._options.timeout)
         if self._ever_connected:
             self._count("reconnects")
@@ -540,6 +558,15 @@ def _underlying(exc: BaseException) -> BaseException:
     if isinstance(exc, smtplib.SMTPServerDisconnected) and isinstance(exc.__context__, OSError):
         return exc.__context__
     return exc
+
+
+def _abort(conn: smtplib.SMTP | None) -> None:
+    """Shut a connection's socket down from another thread: a read blocked on it
+    returns at once (the owner of the connection then drops it)."""
+    sock = None if conn is None else conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _set_timeout(conn: smtplib.SMTP, seconds: float) -> None:
