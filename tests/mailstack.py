@@ -20,10 +20,14 @@ raw bytes a receiver would get.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import ssl
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from imapclient import IMAPClient
@@ -94,3 +98,16 @@ def stored_emails(
             response = imap.fetch(chunk, ["BODY.PEEK[]"])
             raw.extend(response[uid][b"BODY[]"] for uid in chunk)
         return raw
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (its harness is shared with the tests)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"emailmw_benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module

@@ -7,8 +7,10 @@ Each publisher therefore numbers its messages (``Publication-Number``: 1, 2,
 ``publish()`` that raised, the last number the transport accepted:
 ``Previous-Number``) and when that one was published (``Previous-Timestamp``).
 
-:class:`PublicationOrder` releases each stream (topic, publisher) as a chain:
-a message is released once its predecessor was released. The rules:
+:class:`PublicationOrder` releases each stream (topic, publisher) as a chain
+of links, a link being a message's number and its ``Source-Timestamp``: a
+message is released once the exact predecessor it names (number and
+``Previous-Timestamp``) was released. The rules:
 
 * **Learned from everything seen.** The caller reports every numbered message
   it sees, whether a subscription wants it or not (``item=None``), so a
@@ -22,17 +24,17 @@ a message is released once its predecessor was released. The rules:
   until the predecessor comes, or until its stream has released nothing for
   ``window`` seconds (each release restarts the window); then everything the
   stream holds is released in number order and the chain continues from there.
-* **Forgery cannot take a stream over.** Nothing jumps ahead: a message only
-  links to the number it names. An email that forges a live publisher's GID
-  with a huge number is held (its predecessor never comes) and released by
-  itself once the stream pauses for a window, or at once if it names a
-  released predecessor; the genuine chain goes on untouched either way. A
-  number released or held already is released as it
-  comes (a repeated number is delivered, never held or dropped); a late
-  message whose predecessor was released recently is released when it comes.
+* **Forgery cannot take a stream over.** Nothing jumps ahead, and a link
+  carries a nanosecond timestamp that a forger would have to guess. An email
+  that forges a live publisher's GID with a huge number is held (its
+  predecessor never comes) and released by itself once the stream pauses for a
+  window, or at once if it names a released predecessor; one that reuses the
+  genuine next number is released as it comes, and the genuine message, and
+  the ones after it, still follow their own chain. The same link seen again
+  (another copy of one message) is released as it comes, never held or dropped.
 
 Memory is bounded: :data:`MAX_TRACKED_STREAMS` streams, each remembering its
-last :data:`RECENT_NUMBERS` released numbers and holding at most
+last :data:`RECENT_NUMBERS` released links and holding at most
 :data:`MAX_HELD_PER_STREAM` messages (beyond that the stream's gap is given up
 at once). Not thread-safe: the caller serializes calls (see
 :class:`emailmw.dispatch.core.DeliveryCore`).
@@ -41,7 +43,7 @@ at once). Not thread-safe: the caller serializes calls (see
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -58,30 +60,41 @@ T = TypeVar("T")
 #: How many streams (topic, publisher) are tracked; beyond that the least
 #: recently active ones with nothing held back are forgotten.
 MAX_TRACKED_STREAMS = 10_000
-#: How many released numbers each stream remembers (its predecessors-to-be).
+#: How many released links each stream remembers (its predecessors-to-be).
 RECENT_NUMBERS = 64
 #: How many messages one stream may hold back before its gap is given up.
 MAX_HELD_PER_STREAM = 10_000
 
 
+#: A link of a chain: (publication number, its Source-Timestamp); the timestamp
+#: is None where a message names its predecessor without one.
+Link = tuple[int, int | None]
+
+
 @dataclass(slots=True)
 class _Held(Generic[T]):
-    number: int
-    previous_number: int
-    source_ns: int
+    link: tuple[int, int]
+    previous: Link
     item: T | None
 
 
 @dataclass(slots=True)
 class _Stream(Generic[T]):
     topic: str
-    last: int = -1  # the last number released (the usual predecessor)
+    last: Link = (-1, None)  # the last link released (the usual predecessor)
     last_ns: int = 0  # when the newest released message was published
-    recent: set[int] = field(default_factory=set)
-    recent_order: deque[int] = field(default_factory=deque)
-    held: dict[int, _Held[T]] = field(default_factory=dict)
-    waiting: dict[int, list[int]] = field(default_factory=dict)  # predecessor -> held
+    recent: OrderedDict[tuple[int, int], None] = field(default_factory=OrderedDict)
+    recent_numbers: dict[int, int] = field(default_factory=dict)  # number -> links
+    held: dict[tuple[int, int], _Held[T]] = field(default_factory=dict)
+    waiting: dict[Link, list[tuple[int, int]]] = field(default_factory=dict)
     deadline: float | None = None
+
+    def released(self, link: Link) -> bool:
+        """Whether ``link`` (or, without a timestamp, its number) was released."""
+        number, stamp = link
+        if stamp is None:
+            return number in self.recent_numbers
+        return (number, stamp) in self.recent
 
 
 class PublicationOrder(Generic[T]):
@@ -140,27 +153,29 @@ class PublicationOrder(Generic[T]):
         learn from it; it is then never held).
         """
         key = (topic, publisher)
+        link = (number, source_ns)
+        previous: Link = (previous_number, previous_ns)
         stream = self._streams.get(key)
         if stream is None:
             self._make_room()
             stream = self._streams[key] = _Stream(topic)
             if previous_ns is None or previous_ns < self._horizon_ns:
-                previous_number = 0  # published before we could see it: not waited for
+                previous = (0, None)  # published before we could see it: not waited for
         else:
             self._streams.move_to_end(key)
-        if number in stream.recent or number in stream.held:
-            # Released or held already (a reused or forged number): as it comes,
-            # without touching the chain.
+        if link in stream.recent or link in stream.held:
+            # The same message again (another copy): as it comes, chain untouched.
             return [] if item is None else [item]
         if (
             item is not None
-            and previous_number not in (0, stream.last)
-            and previous_number not in stream.recent
+            and previous[0] != 0
+            and previous != stream.last
+            and not stream.released(previous)
         ):
-            self._hold(key, stream, _Held(number, previous_number, source_ns, item))
+            self._hold(key, stream, _Held(link, previous, item))
             return []
         ready: list[T] = []
-        self._release(stream, number, source_ns, item, ready)
+        self._release(stream, link, item, ready)
         self._progress(key, stream)
         return ready
 
@@ -184,8 +199,8 @@ class PublicationOrder(Generic[T]):
     # -- internal -------------------------------------------------------------------
 
     def _hold(self, key: tuple[str, int], stream: _Stream[T], held: _Held[T]) -> None:
-        stream.held[held.number] = held
-        stream.waiting.setdefault(held.previous_number, []).append(held.number)
+        stream.held[held.link] = held
+        stream.waiting.setdefault(held.previous, []).append(held.link)
         self._holding[key] = stream
         if stream.deadline is None:
             stream.deadline = self._clock() + self._window
@@ -193,30 +208,37 @@ class PublicationOrder(Generic[T]):
             stream.deadline = self._clock()  # the next expire() gives the gap up
 
     def _release(
-        self, stream: _Stream[T], number: int, source_ns: int, item: T | None, ready: list[T]
+        self, stream: _Stream[T], link: tuple[int, int], item: T | None, ready: list[T]
     ) -> None:
-        """Release ``number`` and, in turn, every held message chained to it."""
-        todo = [(number, item)]
+        """Release ``link`` and, in turn, every held message chained to it."""
+        todo = [(link, item)]
         while todo:
-            n, it = todo.pop()
-            self._remember(stream, n)
+            current, it = todo.pop()
+            self._remember(stream, current)
             if it is not None:
                 ready.append(it)
-            followers = stream.waiting.pop(n, None)
-            if followers:
-                for m in sorted(followers, reverse=True):
-                    held = stream.held.pop(m, None)
-                    if held is not None:
-                        todo.append((m, held.item))
-        stream.last_ns = max(stream.last_ns, source_ns)
+            followers = stream.waiting.pop(current, [])
+            if stream.recent_numbers.get(current[0]) == 1:  # named without a timestamp
+                followers += stream.waiting.pop((current[0], None), [])
+            for follower in sorted(followers, reverse=True):
+                held = stream.held.pop(follower, None)
+                if held is not None:
+                    todo.append((follower, held.item))
 
-    def _remember(self, stream: _Stream[T], number: int) -> None:
-        stream.last = number
-        if number not in stream.recent:
-            stream.recent.add(number)
-            stream.recent_order.append(number)
-            if len(stream.recent_order) > RECENT_NUMBERS:
-                stream.recent.discard(stream.recent_order.popleft())
+    def _remember(self, stream: _Stream[T], link: tuple[int, int]) -> None:
+        stream.last = link
+        stream.last_ns = max(stream.last_ns, link[1])
+        if link in stream.recent:
+            return
+        stream.recent[link] = None
+        numbers = stream.recent_numbers
+        numbers[link[0]] = numbers.get(link[0], 0) + 1
+        if len(stream.recent) > RECENT_NUMBERS:
+            (old, _), _ = stream.recent.popitem(last=False)
+            if numbers[old] == 1:
+                del numbers[old]
+            else:
+                numbers[old] -= 1
 
     def _progress(self, key: tuple[str, int], stream: _Stream[T]) -> None:
         if stream.held:
@@ -230,12 +252,12 @@ class PublicationOrder(Generic[T]):
         while stream.held:
             lowest = min(stream.held)
             held = stream.held.pop(lowest)
-            waiting = stream.waiting.get(held.previous_number)
+            waiting = stream.waiting.get(held.previous)
             if waiting is not None:
                 waiting.remove(lowest)
                 if not waiting:
-                    del stream.waiting[held.previous_number]
-            self._release(stream, lowest, held.source_ns, held.item, ready)
+                    del stream.waiting[held.previous]
+            self._release(stream, lowest, held.item, ready)
         stream.waiting.clear()
         stream.deadline = None
         self._holding.pop(key, None)
