@@ -22,6 +22,9 @@ class DropReason(enum.Enum):
     QUEUE_FULL = "queue_full"  #: an entity's queue was full; the oldest entry was dropped
     DUPLICATE = "duplicate"  #: the same Message-ID or response was delivered already
     UNMATCHED = "unmatched"  #: no subscription, server or client wanted it
+    #: skipped, without downloading its body, by the re-read of a folder whose
+    #: UIDVALIDITY changed: handled before, or older than the receiver can vouch for
+    RESYNC_SKIPPED = "resync_skipped"
 
 
 @dataclass(frozen=True, slots=True)

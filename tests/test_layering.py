@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "emailmw.transport.tls": 1,
     "emailmw.transport.imap_session": 1,
     "emailmw.transport.imap_cadence": 1,
+    "emailmw.transport.imap_resync": 1,
     # 2 dispatch
     "emailmw.dispatch": 2,
     "emailmw.dispatch.handlers": 2,

@@ -74,17 +74,33 @@ Connection trouble
     the last UID it handled: nothing lost, nothing received twice. While it
     cannot reconnect, :meth:`~ImapEmailReceiver.receive` still returns at its
     timeout, nothing is raised, and the cause is logged as an error every 10
-    failed attempts. If ``UIDVALIDITY`` changed, the mailbox is read again from
-    its first email, skipping those stored (``INTERNALDATE``) before the last
-    email already handled (a 5 s margin), and dropping, as ``duplicate``, byte
-    for byte copies of the last 10 000 emails received. (Only exact copies: an
-    email that merely reuses a Message-ID may be a forgery, and the
-    dispatcher's admission checks, not this, must judge it.)
+    failed attempts. Byte for byte copies of the last 10 000 emails received are
+    dropped as ``duplicate``. (Only exact copies: an email that merely reuses a
+    Message-ID may be a forgery, and the dispatcher's admission checks, not
+    this, must judge it.)
+
+A new ``UIDVALIDITY``
+    The folder was recreated, restored or its index rebuilt: the receiver reads
+    it again from its first email up to the ``UIDNEXT`` found on reconnecting,
+    listing those emails by a few header fields only
+    (``UID FETCH 1:<uidnext-1> (UID RFC822.SIZE INTERNALDATE
+    BODY.PEEK[HEADER.FIELDS (MESSAGE-ID ... SOURCE-TIMESTAMP ...)])``, up to
+    1024 at a time), and downloads the bodies of those it delivers only. It
+    skips what it handled before (a fingerprint of those fields, remembered for
+    the last 10 000 emails) and emailmw emails published before what it can
+    vouch for (its start, or the newest email its memory forgot, less a minute),
+    judged by their ``Source-Timestamp``, never by a date a stranger can set
+    (see :mod:`emailmw.transport.imap_resync`). Every skip is counted
+    (``resync_skipped``; ``not_emailmw`` for foreign mail) and the re-read ends
+    with one ``WARNING`` giving the counts.
 
 Stats
     Drops are counted here (``not_emailmw``, ``malformed``, ``too_large``,
-    ``duplicate``), and ``reconnects``. ``received`` is not: the polling
-    manager counts every email :meth:`~ImapEmailReceiver.receive` returns.
+    ``duplicate``, ``resync_skipped``), and ``reconnects``. ``received`` is
+    not: the polling manager counts every email
+    :meth:`~ImapEmailReceiver.receive` returns.
+    :attr:`~ImapEmailReceiver.bytes_received` counts the bytes read from the
+    server.
 
 Threads
     Only the thread in :meth:`~ImapEmailReceiver.receive` (or
@@ -112,7 +128,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from emailmw.errors import ConfigError, ImapError, TlsError, TransportError
@@ -120,6 +136,13 @@ from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.codec import MalformedEmailError, decode_email
 from emailmw.transport.data import EmailData
 from emailmw.transport.imap_cadence import Cadence
+from emailmw.transport.imap_resync import (
+    FETCH_RESYNC,
+    HandledMemory,
+    Resync,
+    header_block,
+    summarize,
+)
 from emailmw.transport.imap_session import ConnectionLostError, Listed, Session, open_session
 from emailmw.transport.receiver import EmailReceiver
 from emailmw.transport.tls import client_context
@@ -146,9 +169,9 @@ _CLOSE_WAIT = 1.0  # how long close() waits for the receiving thread to let go
 _MIN_POLL_PERIOD = 0.001
 _BATCH_MESSAGES = 256  # at most this many bodies per UID FETCH ...
 _BATCH_BYTES = 16 * 1024 * 1024  # ... and about this many bytes
-_RESYNC_MARGIN = timedelta(seconds=5)
 _PREFETCH = 64 * 1024  # with the sizes, fetch this much of each new email (or max-message-size)
 _LIST_MAX = 256  # emails listed at once with their first bytes
+_RESYNC_LIST_MAX = 1024  # emails listed at once, headers only, by a re-read
 _FETCH_LIST = b"(UID RFC822.SIZE INTERNALDATE)"
 _FETCH_LIST_HEAD = b"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.%d>)"
 _FETCH_BODY = b"(UID BODY.PEEK[])"
@@ -222,11 +245,11 @@ class ImapEmailReceiver(EmailReceiver):
         self._uidvalidity: int | None = None
         self._next_uid = 1
         self._pending: deque[Listed] = deque()
-        self._last_date: datetime | None = None  # INTERNALDATE of the last email handled
-        self._first_connect_date: datetime | None = None
-        self._resync_below = 0  # while re-reading after a UIDVALIDITY change ...
-        self._resync_cutoff: datetime | None = None  # ... skip emails stored before this
+        self._memory = HandledMemory()  # what was handled: decides a re-read (imap_resync)
+        self._resync: Resync | None = None  # the re-read after a UIDVALIDITY change
+        self._raw = False  # receive_raw(): every email is wanted, not only emailmw's
         self._seen: OrderedDict[bytes, None] = OrderedDict()  # digests of emails received
+        self._bytes_received = 0
         self._cadence = Cadence()
         # reconnecting
         self._failures = 0  # recent failures: the backoff grows with them
@@ -240,6 +263,12 @@ class ImapEmailReceiver(EmailReceiver):
     def commands_sent(self) -> int:
         """Tagged IMAP commands sent so far, over every connection (thread-safe read)."""
         return self._commands_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the IMAP server so far, over every connection (thread-safe
+        read; TLS records are counted as the plain bytes they carry)."""
+        return self._bytes_received
 
     @property
     def mode(self) -> str:
@@ -270,6 +299,7 @@ class ImapEmailReceiver(EmailReceiver):
         with self._using():
             if self._closed:
                 return []
+            self._raw = False
             return self._receive(deadline, self._decode_all)
 
     def receive_raw(self, timeout: float | None) -> list[tuple[int, bytes]]:
@@ -280,6 +310,7 @@ class ImapEmailReceiver(EmailReceiver):
         with self._using():
             if self._closed:
                 return []
+            self._raw = True
             return self._receive(deadline, self._raw_all)
 
     def interrupt(self) -> None:
@@ -376,29 +407,36 @@ class ImapEmailReceiver(EmailReceiver):
     def _count(self, commands: int) -> None:
         self._commands_sent += commands
 
+    def _count_bytes(self, read: int) -> None:
+        self._bytes_received += read
+
     def _open(self) -> Session:
         """Open a session and place the receiver in the mailbox (first or later connection)."""
-        session = open_session(self._options, self._ssl_context(), self._count)
+        session = open_session(self._options, self._ssl_context(), self._count, self._count_bytes)
         if self._uidvalidity is None:
             self._uidvalidity = session.uidvalidity
             self._next_uid = session.uidnext
             self._start_time_ns = time.time_ns()  # the start position is taken
-            self._first_connect_date = datetime.now(UTC)
+            self._memory.start(self._start_time_ns)
         elif session.uidvalidity != self._uidvalidity:
+            if self._resync is not None:
+                self._end_resync("cut short by another UIDVALIDITY change")
             logger.warning(
-                "UIDVALIDITY of %r on %s changed from %d to %d: reading the mailbox again, "
-                "skipping emails stored before the last one received and duplicates",
+                "UIDVALIDITY of %r on %s changed from %d to %d: reading its %d emails again "
+                "(bodies only of those to deliver)",
                 self._options.mailbox,
                 self._server,
                 self._uidvalidity,
                 session.uidvalidity,
+                session.exists,
             )
             self._uidvalidity = session.uidvalidity
-            self._resync_below = session.uidnext
-            base = self._last_date or self._first_connect_date
-            self._resync_cutoff = base - _RESYNC_MARGIN if base is not None else None
-            self._next_uid = 1
-            session.new_mail = session.exists > 0
+            if session.exists:
+                self._resync = Resync.after_change(session.uidnext, self._memory)
+                self._next_uid = 1
+                session.new_mail = True
+            else:
+                self._next_uid = session.uidnext
         elif session.uidnext > self._next_uid:
             session.new_mail = True  # emails came while we were away
         self._pending.clear()
@@ -554,11 +592,15 @@ class ImapEmailReceiver(EmailReceiver):
         session.idle_done()
         if not self._pending:
             detected_at, within = session.take_detection()
-            listed = self._list(session)
+            if self._resync is not None and self._next_uid < self._resync.below:
+                listed = self._list_again(session, self._resync)
+            else:
+                listed = self._list(session)
+                if listed:
+                    at = detected_at if detected_at is not None else session.last_sync
+                    self._cadence.arrival(at, within, len(listed))
             if not listed:
                 return []
-            at = detected_at if detected_at is not None else session.last_sync
-            self._cadence.arrival(at, within, len(listed))
             self._pending.extend(listed)
         batch: list[Listed] = []
         wanted: list[int] = []
@@ -567,7 +609,7 @@ class ImapEmailReceiver(EmailReceiver):
         while self._pending and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
             item = self._pending.popleft()
             batch.append(item)
-            if item.body is None and item.size <= limit and not self._before_cutoff(item):
+            if item.body is None and item.size <= limit and item.drop is None:
                 wanted.append(item.uid)
                 size += item.size
         bodies = self._fetch_bodies(session, wanted)
@@ -605,6 +647,73 @@ class ImapEmailReceiver(EmailReceiver):
             session.new_mail = True  # more beyond the range listed
         return listed
 
+    def _list_again(self, session: Session, resync: Resync) -> list[Listed]:
+        """The next emails of a re-read (below ``resync.below``), by their headers only:
+        each comes with its verdict (see :mod:`emailmw.transport.imap_resync`)."""
+        start = self._next_uid
+        end = min(start + _RESYNC_LIST_MAX, resync.below) - 1
+        ok, found = session.fetch(b"%d:%d" % (start, end), FETCH_RESYNC)
+        if not ok:
+            if session.trouble is not None:
+                return []  # the mailbox may be gone: the next step checks it
+            found = self._list_one_by_one(session, start, end)
+        session.new_mail = True  # more to re-read, or the new emails from resync.below on
+        limit = self._options.max_message_size
+        listed: list[Listed] = []
+        for uid in sorted(found):
+            if not start <= uid <= end:
+                continue
+            item = found[uid]
+            size = int(item.get(b"RFC822.SIZE") or 0)
+            date = item.get(b"INTERNALDATE")
+            listed.append(Listed(uid, size, date if isinstance(date, datetime) else None))
+            block = next((v for k, v in item.items() if k.startswith(b"BODY[HEADER.FIELDS")), None)
+            if size > limit or not isinstance(block, bytes):
+                continue  # too_large when settled; unlisted: fetch it, decoding judges
+            verdict = resync.decide(summarize(block), listed[-1].date, self._memory, self._raw)
+            if verdict is not None:
+                listed[-1].drop, listed[-1].why = verdict
+        if not listed and session.trouble is None:  # nothing in this range (expunged)
+            self._next_uid = end + 1
+            self._check_resync_done()
+        return listed
+
+    @staticmethod
+    def _list_one_by_one(session: Session, start: int, end: int) -> dict[int, dict[bytes, Any]]:
+        """A re-read listing failed (``NO``): list its range one UID at a time; a UID the
+        server cannot list is kept with no headers (its body is fetched: never skipped
+        unseen)."""
+        logger.warning("re-read: listing UIDs %d:%d failed; listing them one by one", start, end)
+        found: dict[int, dict[bytes, Any]] = {}
+        for uid in range(start, end + 1):
+            ok, one = session.fetch(b"%d" % uid, FETCH_RESYNC)
+            if session.trouble is not None:
+                break  # the mailbox may be gone: the next step checks it
+            if ok:
+                found.update(one)
+            else:
+                found[uid] = {}
+        return found
+
+    def _check_resync_done(self) -> None:
+        if self._resync is not None and self._next_uid >= self._resync.below:
+            self._end_resync("done")
+
+    def _end_resync(self, how: str) -> None:
+        """Log what the re-read did: a WARNING with the count if it skipped any."""
+        resync, self._resync = self._resync, None
+        if resync is None:
+            return
+        skipped = resync.skipped
+        logger.log(
+            logging.WARNING if skipped else logging.INFO,
+            "re-read of %r after the UIDVALIDITY change %s: %d emails skipped (%s)",
+            self._options.mailbox,
+            how,
+            skipped,
+            resync.describe(),
+        )
+
     def _fetch_bodies(self, session: Session, uids: list[int]) -> dict[int, bytes | None]:
         """Bodies by UID (None: the server could not give it); missing: expunged meanwhile."""
         if not uids:
@@ -626,24 +735,19 @@ class ImapEmailReceiver(EmailReceiver):
                 bodies[uid] = body
         return bodies
 
-    def _before_cutoff(self, item: Listed) -> bool:
-        cutoff = self._resync_cutoff
-        if cutoff is None or item.uid >= self._resync_below:
-            return False
-        return item.date is not None and item.date < cutoff
-
     def _settle(
         self, batch: list[Listed], bodies: dict[int, bytes | None]
     ) -> list[tuple[int, bytes | None]]:
-        """Move past ``batch``: skip what is too large (or before a resync cutoff) and
-        return ``(uid, bytes)`` for the rest, in order (None: the server failed it)."""
+        """Move past ``batch``: skip what is too large (or what a re-read decided not to
+        deliver) and return ``(uid, bytes)`` for the rest, in order (None: the server
+        failed it)."""
         fetched: list[tuple[int, bytes | None]] = []
         limit = self._options.max_message_size
+        resync = self._resync
         for item in batch:
-            uid, length, date = item.uid, item.size, item.date
+            uid, length = item.uid, item.size
             self._next_uid = max(self._next_uid, uid + 1)
-            if date is not None and (self._last_date is None or date > self._last_date):
-                self._last_date = date
+            again = resync is not None and uid < resync.below
             if length > limit:
                 logger.warning(
                     "skipping email UID %d in %r: %d bytes is over max-message-size (%d)",
@@ -653,22 +757,34 @@ class ImapEmailReceiver(EmailReceiver):
                     limit,
                 )
                 self._stats.drop(DropReason.TOO_LARGE)
-            elif self._before_cutoff(item):
-                logger.debug("skipping email UID %d: stored before the resync cutoff", uid)
+                why = "too large"
+            elif item.drop is not None:
+                logger.debug("re-read: skipping email UID %d: %s", uid, item.why)
+                self._stats.drop(item.drop)
+                why = item.why
             elif uid not in bodies:
                 logger.debug("email UID %d vanished before its body was fetched", uid)
+                why = "vanished"
             else:
                 fetched.append((uid, bodies[uid]))
-        if self._resync_cutoff is not None and self._next_uid >= self._resync_below:
-            self._resync_cutoff = None
+                why = "fetched"
+            if again and resync is not None:
+                resync.note(why)
+        self._check_resync_done()
         return fetched
 
     def _decode_all(self, fetched: list[tuple[int, bytes | None]]) -> list[EmailData]:
         return [email for uid, raw in fetched if (email := self._decode(uid, raw)) is not None]
 
-    @staticmethod
-    def _raw_all(fetched: list[tuple[int, bytes | None]]) -> list[tuple[int, bytes]]:
-        return [(uid, raw) for uid, raw in fetched if raw is not None]
+    def _raw_all(self, fetched: list[tuple[int, bytes | None]]) -> list[tuple[int, bytes]]:
+        got = [(uid, raw) for uid, raw in fetched if raw is not None]
+        for _, raw in got:
+            self._remember(raw)
+        return got
+
+    def _remember(self, raw: bytes) -> None:
+        """``raw`` was handed on: a re-read after a UIDVALIDITY change skips its copies."""
+        self._memory.remember(summarize(header_block(raw)), time.time_ns())
 
     def _decode(self, uid: int, raw: bytes | None) -> EmailData | None:
         if raw is None:
@@ -699,6 +815,7 @@ class ImapEmailReceiver(EmailReceiver):
         self._seen[digest] = None
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
+        self._remember(raw)
         return email
 
     # -- closing --------------------------------------------------------------------------

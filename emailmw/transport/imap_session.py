@@ -50,6 +50,7 @@ from imapclient.exceptions import LoginError
 from imapclient.response_parser import parse_fetch_response
 
 from emailmw.errors import AuthenticationError, ConnectError, ImapError, TlsError, TransportError
+from emailmw.stats import DropReason
 from emailmw.transport.tls import is_loopback
 
 if TYPE_CHECKING:
@@ -70,13 +71,16 @@ class ConnectionLostError(Exception):
 
 @dataclass(slots=True)
 class Listed:
-    """A new email as listed: UID, RFC822.SIZE, INTERNALDATE, and its bytes if the
-    listing brought them all."""
+    """A new email as listed: UID, RFC822.SIZE, INTERNALDATE, its bytes if the
+    listing brought them all, and why it is not to be delivered if the listing
+    already decided so (a re-read after a UIDVALIDITY change)."""
 
     uid: int
     size: int
     date: datetime | None
     body: bytes | None = None
+    drop: DropReason | None = None
+    why: str = ""  #: the drop in a word, for the log
 
 
 def _text(value: object) -> str:
@@ -354,10 +358,34 @@ class Session:
                 self.imap.shutdown()
 
 
+def _count_reads(imap: Any, count_bytes: Callable[[int], None]) -> None:
+    """Report every byte imaplib reads from the server (its ``read`` and ``readline``,
+    through which all of its input passes, before and after STARTTLS)."""
+    read, readline = imap.read, imap.readline
+
+    def counted_read(size: int) -> bytes:
+        data: bytes = read(size)
+        count_bytes(len(data))
+        return data
+
+    def counted_readline() -> bytes:
+        line: bytes = readline()
+        count_bytes(len(line))
+        return line
+
+    imap.read, imap.readline = counted_read, counted_readline
+
+
 def open_session(
-    options: Options, context: ssl.SSLContext, count: Callable[[int], None]
+    options: Options,
+    context: ssl.SSLContext,
+    count: Callable[[int], None],
+    count_bytes: Callable[[int], None] | None = None,
 ) -> Session:
-    """Connect, secure, log in and EXAMINE; raise a :class:`TransportError` subclass."""
+    """Connect, secure, log in and EXAMINE; raise a :class:`TransportError` subclass.
+
+    ``count`` is told the tagged commands sent, ``count_bytes`` the bytes read
+    from the server (after the greeting)."""
     assert options.user is not None
     address: ServerAddress = options.user.imap
     server = str(address)
@@ -379,6 +407,8 @@ def open_session(
             timeout=options.timeout,
         )
         client.normalise_times = False
+        if count_bytes is not None:
+            _count_reads(client._imap, count_bytes)
         if address.tls == "starttls":
             stage = "STARTTLS"
             if "STARTTLS" in {c.upper() for c in client._imap.capabilities}:
