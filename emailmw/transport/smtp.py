@@ -249,11 +249,14 @@ class SmtpEmailSender(EmailSender):
         and this waits at most a second for it to let go.
         """
         self._closing.set()
-        for conn in (self._conn, self._opening):
-            _abort(conn)
-        if not self._lock.acquire(timeout=_CLOSE_WAIT):
-            logger.debug("closing %s while a send lets go of the connection", self._label)
-            return  # the sending thread sees _closing and drops the connection
+        if not self._lock.acquire(blocking=False):
+            # A send or connect holds the connection: unblock it. (An idle connection
+            # is left whole, so that it can still say QUIT.)
+            for conn in (self._conn, self._opening):
+                _abort(conn)
+            if not self._lock.acquire(timeout=_CLOSE_WAIT):
+                logger.debug("closing %s while a send lets go of the connection", self._label)
+                return  # the sending thread sees _closing and drops the connection
         try:
             conn, self._conn = self._conn, None
             if conn is None:
