@@ -12,6 +12,7 @@ The tree::
     ├── UnknownRequestError          (also KeyError) response to an unknown request id
     └── TransportError               the mail servers could not do what was asked
         ├── SmtpError                sending failed
+        │   └── RecipientsRefusedError  the server refused some recipients (.refused, .accepted)
         ├── ImapError                receiving failed
         ├── AuthenticationError      (also Smtp/Imap by server) wrong credentials
         ├── TlsError                 TLS handshake or certificate verification failed
@@ -33,6 +34,7 @@ __all__ = [
     "ImapError",
     "InvalidHeaderError",
     "InvalidNameError",
+    "RecipientsRefusedError",
     "SmtpError",
     "TlsError",
     "TransportError",
@@ -95,6 +97,28 @@ class TransportError(EmailmwError):
 
 class SmtpError(TransportError):
     """Sending an email over SMTP failed (after any retries)."""
+
+
+class RecipientsRefusedError(SmtpError):
+    """The server refused one or more recipients of an email, for good (``5xx``) or
+    for longer than ``send-timeout`` (``4xx``).
+
+    ``refused`` maps each recipient that did not get the email to the server's last
+    reply to its ``RCPT TO`` (code and text); ``accepted`` lists the recipients the
+    server did take the email for (in envelope order; empty if none did).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        refused: dict[str, tuple[int, str]],
+        accepted: tuple[str, ...] = (),
+        server: str | None = None,
+    ) -> None:
+        super().__init__(message, server=server)
+        self.refused = dict(refused)
+        self.accepted = tuple(accepted)
 
 
 class ImapError(TransportError):

@@ -1,11 +1,13 @@
 """Scripted fake mail servers on 127.0.0.1, for what a real Postfix or Dovecot cannot be
-made to show on demand: a 421 after DATA, a refused greeting, a given set of AUTH
-mechanisms, a server that (as if an attacker stripped it) never offers STARTTLS.
+made to show on demand: a 421 after DATA, a given sequence of replies to one RCPT TO,
+a refused greeting, a given set of AUTH mechanisms, a server that (as if an attacker
+stripped it) never offers STARTTLS.
 
 Everything else is tested against the real dev server (tests/mailstack.py); keep it so.
 
 - :class:`FakeSmtp` is the scripted SMTP server (greeting, EHLO keywords, AUTH reply,
-  replies after DATA), recording every command line and every message body.
+  replies to RCPT TO per recipient, replies after DATA), recording every command line,
+  every message body and the recipients it accepted for each.
 - :class:`FakeImap` is the IMAP counterpart for the one thing the tests need from it:
   a plain-text server that offers no STARTTLS and refuses every login.
 - The ``fake_smtp`` fixture yields a default :class:`FakeSmtp` and stops it afterwards.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import socketserver
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Self
 
@@ -101,9 +103,13 @@ class FakeSmtp(_ScriptedServer):
     ``data_replies``
         The replies to successive messages after DATA, used up in order, then
         ``250 ok``. A ``421`` also closes the connection, as a server going down does.
+    ``rcpt_replies``
+        Per recipient address (as in ``RCPT TO:<address>``), the replies to its
+        successive RCPT commands: a list is used up in order, then ``250 ok``; a
+        string is the reply to every one. Recipients not listed get ``250 ok``.
 
-    Fixed: MAIL, RCPT, RSET and NOOP get ``250 ok``; QUIT gets ``221`` and a hang-up;
-    any other command gets ``502``.
+    Fixed: MAIL, RSET and NOOP get ``250 ok``; DATA with no recipient accepted gets
+    ``554``; QUIT gets ``221`` and a hang-up; any other command gets ``502``.
 
     Recorded, over all connections in order:
 
@@ -112,6 +118,9 @@ class FakeSmtp(_ScriptedServer):
     ``messages``
         Every message body sent after DATA, without the final ``.`` line and with
         the dot-stuffing undone.
+    ``envelopes``
+        For each entry of ``messages``, the recipients whose RCPT got a ``250`` in
+        that transaction, in order.
     """
 
     def __init__(
@@ -121,12 +130,18 @@ class FakeSmtp(_ScriptedServer):
         extensions: Iterable[str] = ("AUTH PLAIN LOGIN", "SIZE 100000"),
         auth_reply: str = "235 2.7.0 ok",
         data_replies: Iterable[str] = (),
+        rcpt_replies: Mapping[str, Iterable[str] | str] | None = None,
     ) -> None:
         self.greeting = greeting
         self.extensions = list(extensions)
         self.auth_reply = auth_reply
         self.data_replies = list(data_replies)
+        self.rcpt_replies: dict[str, list[str] | str] = {
+            address: replies if isinstance(replies, str) else list(replies)
+            for address, replies in (rcpt_replies or {}).items()
+        }
         self.messages: list[bytes] = []
+        self.envelopes: list[list[str]] = []
         super().__init__(_SmtpHandler)
 
 
@@ -137,16 +152,24 @@ class _SmtpHandler(_LineHandler):
         self.say(self.server.greeting)
         if not self.server.greeting.startswith("220"):
             return
+        self.recipients: list[str] = []  # accepted in the current transaction
         for command in self.commands():
             verb = command.split(" ", 1)[0].upper()
             if verb == "EHLO":
                 self.say(self.ehlo_reply())
             elif verb == "AUTH":
                 self.say(self.server.auth_reply)
-            elif verb in ("MAIL", "RCPT", "RSET", "NOOP"):
+            elif verb in ("MAIL", "RSET"):
+                self.recipients = []
                 self.say("250 ok")
+            elif verb == "NOOP":
+                self.say("250 ok")
+            elif verb == "RCPT":
+                self.say(self.rcpt_reply(command))
             elif verb == "DATA":
-                if not self.receive_message():
+                if not self.recipients:
+                    self.say("554 5.5.1 no valid recipients")
+                elif not self.receive_message():
                     return
             elif verb == "QUIT":
                 self.say("221 bye")
@@ -161,6 +184,18 @@ class _SmtpHandler(_LineHandler):
             f"250{' ' if i == len(lines) - 1 else '-'}{line}" for i, line in enumerate(lines)
         )
 
+    def rcpt_reply(self, command: str) -> str:
+        """The scripted reply to ``RCPT TO:<address>``; remembers an accepted address."""
+        address = command.partition("<")[2].partition(">")[0]
+        script = self.server.rcpt_replies.get(address)
+        if isinstance(script, str):
+            answer = script
+        else:
+            answer = script.pop(0) if script else "250 ok"
+        if answer.startswith("250"):
+            self.recipients.append(address)
+        return answer
+
     def receive_message(self) -> bool:
         """Read one message after DATA and give the scripted reply; False to hang up."""
         self.say("354 go on")
@@ -172,6 +207,8 @@ class _SmtpHandler(_LineHandler):
             data += chunk
         # drop the final "." line and undo dot-stuffing (RFC 5321 4.5.2)
         self.server.messages.append(data[:-3].replace(b"\r\n..", b"\r\n."))
+        self.server.envelopes.append(self.recipients)
+        self.recipients = []
         answer = self.server.data_replies.pop(0) if self.server.data_replies else "250 ok"
         self.say(answer)
         return not answer.startswith("421")

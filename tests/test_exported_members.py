@@ -29,6 +29,7 @@ EXPECTED = {
     "MessageInfo",
     "Options",
     "Publisher",
+    "RecipientsRefusedError",
     "ServiceClient",
     "ServiceInfo",
     "ServiceRequest",
@@ -64,6 +65,7 @@ ERRORS = [
     "ImapError",
     "InvalidHeaderError",
     "InvalidNameError",
+    "RecipientsRefusedError",
     "SmtpError",
     "TlsError",
     "TransportError",
@@ -106,6 +108,7 @@ def test_error_tree_and_builtin_bases() -> None:
     assert issubclass(emailmw.UnknownRequestError, KeyError)
     for name in ("SmtpError", "ImapError", "AuthenticationError", "TlsError", "ConnectError"):
         assert issubclass(getattr(emailmw, name), emailmw.TransportError)
+    assert issubclass(emailmw.RecipientsRefusedError, emailmw.SmtpError)
     for name in ("ConfigError", "ContextError", "GuardConditionInUseError"):
         assert not issubclass(getattr(emailmw, name), emailmw.TransportError)
 
@@ -116,6 +119,18 @@ def test_errors_carry_their_fields() -> None:
     terr = emailmw.ConnectError("refused", server="127.0.0.1:25")
     assert terr.server == "127.0.0.1:25"
     assert str(emailmw.UnknownRequestError("no request 3")) == "no request 3"
+    refused = emailmw.RecipientsRefusedError(
+        "b refused",
+        refused={"b@x.test": (550, "5.1.1 unknown")},
+        accepted=("a@x.test",),
+        server="127.0.0.1:25",
+    )
+    assert (refused.refused, refused.accepted, refused.server, str(refused)) == (
+        {"b@x.test": (550, "5.1.1 unknown")},
+        ("a@x.test",),
+        "127.0.0.1:25",
+        "b refused",
+    )
 
 
 def test_public_objects_have_docstrings() -> None:

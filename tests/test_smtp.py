@@ -24,6 +24,7 @@ from emailmw.devserver import DevServer
 from emailmw.errors import (
     AuthenticationError,
     ConnectError,
+    RecipientsRefusedError,
     SmtpError,
     TlsError,
 )
@@ -407,10 +408,13 @@ def test_unknown_recipient_is_rejected_at_once(dev_server: DevServer) -> None:
     stats = StatsCounters()
     with sender(options, stats) as smtp:
         started = time.monotonic()
-        with pytest.raises(SmtpError, match=r"nobody@example\.test") as info:
+        with pytest.raises(RecipientsRefusedError, match=r"nobody@example\.test: 550") as info:
             smtp.send(EmailContent("/t", "x"), EmailHeaders(METADATA))
         assert time.monotonic() - started < 1
         assert not isinstance(info.value, ConnectError)
+        assert list(info.value.refused) == ["nobody@example.test"]
+        assert info.value.accepted == ()
+        assert "no recipient accepted it" in str(info.value)
         snapshot = stats.snapshot()
         assert (snapshot.sent, snapshot.send_retries, snapshot.send_failures) == (0, 0, 1)
 

@@ -177,6 +177,8 @@ lmtp_host_lookup = native
 # comes; the default (300 s) kept such mail stuck in the queue for minutes.
 lmtp_lhlo_timeout = 10s
 smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+# DevServer.refuse_recipient(): scripted RCPT TO replies ("450 4.2.1 ...") per address
+smtpd_recipient_restrictions = check_recipient_access texthash:{r}/postfix/recipient_access
 smtpd_sasl_type = dovecot
 smtpd_sasl_path = {r}/dovecot/run/auth-postfix
 smtpd_sasl_auth_enable = yes

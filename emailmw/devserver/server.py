@@ -5,7 +5,8 @@ It makes the root's directory tree, the test CA and server certificate
 and the account files; starts each daemon and waits until its ports listen;
 stops it and waits until its processes are gone
 (:mod:`emailmw.devserver.processes`). Plus test helpers (new folders,
-APPEND, ``doveadm kick``) and the emailmw config for an account.
+APPEND, ``doveadm kick``, a scripted refusal of one recipient) and the emailmw
+config for an account.
 
 An ``atexit`` hook stops every server a program leaves running.
 
@@ -31,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -69,6 +70,11 @@ _PORT_NAMES = ("smtp", "smtps", "imap", "imaps")
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9._-]*[a-z0-9_-])?\Z")
 _DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+\Z")
 _FOLDER_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]*\Z")
+# "450 4.2.1 text": the class of the enhanced status code must match the reply's
+_REFUSAL_RE = re.compile(
+    r"(?P<code>([45])\d\d) (?P<status>\2\.\d{1,3}\.\d{1,3}) (?P<text>[ -~]+)\Z"
+)
+_ADDRESS_RE = re.compile(r"[^\s@<>\"]+@[^\s@<>\"]+\Z")
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class DevServer:
         self._domain = domain
         self._lock = threading.RLock()
         self._accounts: dict[str, DevAccount] = {}
+        self._refusals: dict[str, str] = {}  # address -> scripted RCPT TO reply
         for name in accounts:
             self._new_account(name)
         self._ports: dict[str, int] = {}
@@ -292,13 +299,89 @@ class DevServer:
         logger.debug("postfix accepts %s %.3f s after reload", address, time.monotonic() - started)
 
     def _smtp_accepts(self, address: str) -> bool:
+        reply = self._rcpt_reply(address)
+        return reply is not None and reply[0] == 250
+
+    def _rcpt_reply(self, address: str) -> tuple[int, str] | None:
+        """What a new SMTP session answers to ``RCPT TO:<address>`` (None: no answer)."""
         try:
             with smtplib.SMTP(self.host, self.smtp_port, timeout=5) as smtp:
                 smtp.ehlo("probe.localhost")
                 smtp.mail("")
-                return smtp.rcpt(address)[0] == 250
+                code, text = smtp.rcpt(address)
+                return code, text.decode("utf-8", "replace")
         except (OSError, smtplib.SMTPException):
-            return False
+            return None
+
+    # -------------------------------------------------------------- refused recipients
+
+    def refuse_recipient(self, address: str, reply: str = "450 4.2.1 try again later") -> None:
+        """Make Postfix answer ``RCPT TO:<address>`` with ``reply`` until
+        :meth:`accept_recipient`, for testing what a client does with a refused
+        recipient.
+
+        ``reply`` is a ``4xx`` (temporary) or ``5xx`` (permanent) code, an enhanced
+        status code of the same class and a text, e.g. ``"550 5.7.1 not here"``;
+        Postfix answers ``450 4.2.1 <address>: Recipient address rejected: try
+        again later``. It is a ``check_recipient_access`` map in ``main.cf``, kept
+        across restarts. While running, returns once a new SMTP session gets the
+        reply (``postfix reload``); sessions opened before keep the old answer.
+        (An address of the domain with no account is refused anyway: ``550 5.1.1``.)
+        """
+        match = _REFUSAL_RE.match(reply)
+        if match is None:
+            raise ValueError(
+                f"invalid reply {reply!r}: want a 4xx or 5xx code, an enhanced status code "
+                "of the same class and a printable ASCII text, e.g. '450 4.2.1 try again later'"
+            )
+        if not _ADDRESS_RE.match(address):
+            raise ValueError(f"invalid recipient address {address!r}")
+        with self._lock:
+            self._refusals[address.lower()] = reply
+            self._apply_refusals(
+                f"a new SMTP session answers {reply!r} to RCPT TO:<{address}>",
+                lambda got: _is_scripted(got, reply),
+                address,
+            )
+
+    def accept_recipient(self, address: str) -> None:
+        """Undo :meth:`refuse_recipient` for ``address`` (no-op if not refused).
+
+        While running, returns once a new SMTP session no longer gets the scripted reply.
+        """
+        with self._lock:
+            reply = self._refusals.pop(address.lower(), None)
+            if reply is None:
+                return
+            self._apply_refusals(
+                f"a new SMTP session no longer answers {reply!r} to RCPT TO:<{address}>",
+                lambda got: got is not None and not _is_scripted(got, reply),
+                address,
+            )
+
+    def _apply_refusals(
+        self,
+        goal: str,
+        reached: Callable[[tuple[int, str] | None], bool],
+        address: str,
+    ) -> None:
+        """Write the recipient access map; while running, reload until ``reached``."""
+        if not self._postfix_dir.exists():
+            return  # start() writes it
+        self._write_recipient_access()
+        if self._postfix is None or not self._postfix.alive():
+            return
+        started = time.monotonic()
+        self._postfix_control("reload")
+        if not wait_until(lambda: reached(self._rcpt_reply(address)), 10.0):
+            raise DevServerError(
+                f"10 s after postfix reload, still not true: {goal}", tail(self._postfix_log)
+            )
+        logger.debug("%s %.3f s after reload", goal, time.monotonic() - started)
+
+    def _write_recipient_access(self) -> None:
+        lines = "".join(f"{address} {reply}\n" for address, reply in self._refusals.items())
+        write_atomic(self._postfix_dir / "recipient_access", lines, backdate=True)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -537,6 +620,7 @@ class DevServer:
         master_cf = postfix_master_cf(smtp_port=self.smtp_port, smtps_port=self.smtps_port)
         write_atomic(self._postfix_dir / "master.cf", master_cf, backdate=True)
         self._write_account_files()
+        self._write_recipient_access()
 
     # -------------------------------------------------------------- test helpers
 
@@ -663,6 +747,21 @@ class DevServer:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, yaml.safe_dump(self.config(acct, **kw), sort_keys=False), 0o600)
         return target
+
+
+def _is_scripted(got: tuple[int, str] | None, reply: str) -> bool:
+    """Whether Postfix's answer ``got`` (code, text) is the scripted ``reply``:
+    ``450 4.2.1 <address>: Recipient address rejected: try again later`` for
+    ``450 4.2.1 try again later``."""
+    match = _REFUSAL_RE.match(reply)
+    if got is None or match is None:
+        return False
+    code, text = got
+    return (
+        code == int(match["code"])
+        and text.startswith(match["status"] + " ")
+        and text.endswith(": " + match["text"])
+    )
 
 
 def _quote(mailbox: str) -> str:

@@ -14,8 +14,16 @@ One persistent :mod:`smtplib` connection, opened by :meth:`~SmtpEmailSender.conn
   ``Message-ID``, so receivers can drop duplicates) with exponential backoff
   (50 ms doubling to 2 s, with jitter) until ``send-timeout`` has passed;
   then raise :class:`~emailmw.SmtpError`. A 5xx rejection (message too big,
-  recipient unknown) raises at once. Each network operation is bounded by
+  sender refused) raises at once. Each network operation is bounded by
   ``timeout``, so a send may outlast ``send-timeout`` by at most one of them.
+* Refused recipients: the server answers ``RCPT TO`` for each recipient. The
+  recipients it refused with a ``4xx`` get the same bytes again, alone, over a
+  new connection, with the same backoff until ``send-timeout`` (the recipients
+  that accepted it are not sent it again). A recipient refused with a ``5xx``,
+  or still refused at ``send-timeout``, makes the send raise
+  :class:`~emailmw.RecipientsRefusedError` (``.refused``: each one's code and
+  text; ``.accepted``: who did get the email) once no temporary refusal is left
+  to retry.
 * A connection idle for more than 30 s is checked with NOOP before use (servers
   close idle clients); otherwise sending is tried directly.
 * With a signing key (:meth:`~emailmw.transport.sender.EmailSender.set_signing_key`)
@@ -41,6 +49,7 @@ from emailmw.errors import (
     AuthenticationError,
     ConfigError,
     ConnectError,
+    RecipientsRefusedError,
     SmtpError,
     TlsError,
     TransportError,
@@ -70,14 +79,20 @@ def _retryable(exc: BaseException) -> bool:
     """Whether a failure is worth a reconnect and a retry (see the module docstring)."""
     if isinstance(exc, TransportError | ssl.SSLCertVerificationError):
         return False
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        codes = [code for code, _ in exc.recipients.values()]
-        return bool(codes) and all(400 <= code < 500 for code in codes)
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         return False
     if isinstance(exc, smtplib.SMTPResponseException):
         return 400 <= exc.smtp_code < 500
     return isinstance(exc, smtplib.SMTPServerDisconnected | OSError)
+
+
+def _temporary(reply: tuple[int, Any] | None) -> bool:
+    """Whether a recipient's refusal is temporary (``4xx``): worth trying again."""
+    return reply is not None and 400 <= reply[0] < 500
+
+
+def _describe_refused(refused: dict[str, tuple[int, str]]) -> str:
+    return "; ".join(f"{rcpt}: {code} {text}" for rcpt, (code, text) in refused.items())
 
 
 def _reply_text(message: bytes | str) -> str:
@@ -235,8 +250,8 @@ class SmtpEmailSender(EmailSender):
         """
         self._closing.set()
         if not self._lock.acquire(blocking=False):
-            # A send (or a connect) is in progress: abort its socket, so that a
-            # silent server cannot hold it, and give it a moment to let go.
+            # A send or connect holds the connection: unblock it. (An idle connection
+            # is left whole, so that it can still say QUIT.)
             for conn in (self._conn, self._opening):
                 _abort(conn)
             if not self._lock.acquire(timeout=_CLOSE_WAIT):
@@ -297,48 +312,113 @@ class SmtpEmailSender(EmailSender):
     ) -> None:
         delay = _BACKOFF_START
         attempts = 0
+        pending = list(envelope)  # the recipients still to send to (all of them at first)
+        accepted: list[str] = []  # the recipients the server took the email for
+        refused: dict[str, tuple[int, str]] = {}  # each other one's last refusal
         while True:
             if self._closing.is_set():
+                if refused:
+                    raise self._refusal(
+                        message_id,
+                        refused,
+                        accepted,
+                        attempts=attempts,
+                        start=start,
+                        cause="the sender was closed",
+                    )
                 raise self._fail(f"the SMTP sender for {self._label} was closed; not sent")
             attempts += 1
             try:
                 conn = self._usable_connection(deadline)
-                refused = conn.sendmail(self._envelope_from, envelope, data)
+                try:
+                    rejected = conn.sendmail(self._envelope_from, pending, data)
+                except smtplib.SMTPRecipientsRefused as exc:
+                    # Nobody got the email: every recipient was refused, or a 421 ended the
+                    # session (smtplib stops there; the rest share that reply).
+                    last = list(exc.recipients.values())[-1]
+                    rejected = {rcpt: exc.recipients.get(rcpt, last) for rcpt in pending}
                 self._last_used = time.monotonic()
             except (OSError, smtplib.SMTPException, TransportError) as exc:
-                if not _retryable(exc):
-                    if _connection_lost(self._conn):
-                        self._drop()
+                retryable = _retryable(exc)
+                if retryable or _connection_lost(self._conn):
+                    self._drop()
+                now = time.monotonic()
+                if refused and (not retryable or now >= deadline):
+                    # Retrying refused recipients: the error must say who did get the email.
+                    if isinstance(exc, smtplib.SMTPResponseException):
+                        reply = (exc.smtp_code, _reply_text(exc.smtp_error))
+                        refused.update(dict.fromkeys(pending, reply))
+                    cause = self._describe(exc)
+                    raise self._refusal(
+                        message_id, refused, accepted, attempts=attempts, start=start, cause=cause
+                    ) from exc
+                if not retryable:
                     error = self._translate(exc, sending=True)
                     self._count("send_failures")
                     raise error from exc
-                self._drop()
-                now = time.monotonic()
                 if now >= deadline:
                     raise self._fail(
                         f"sending {message_id} to {self._label} failed after {attempts} "
                         f"attempt(s) in {now - start:.1f} s: {self._describe(exc)}"
                     ) from exc
-                pause = min(delay * random.uniform(0.5, 1.5), deadline - now)
-                logger.warning(
-                    "sending %s to %s failed (%s); retrying in %.2f s",
-                    message_id,
-                    self._label,
-                    self._describe(exc),
-                    pause,
-                )
-                self._count("send_retries")
-                self._closing.wait(pause)
-                delay = min(delay * 2, _BACKOFF_MAX)
-                continue
-            if refused:
-                logger.warning(
-                    "%s accepted %s but refused some recipients: %s",
-                    self._label,
-                    message_id,
-                    ", ".join(f"{r} ({c} {_reply_text(m)})" for r, (c, m) in refused.items()),
-                )
-            return
+                cause = self._describe(exc)
+            else:
+                for rcpt in pending:
+                    if rcpt in rejected:
+                        code, text = rejected[rcpt]
+                        refused[rcpt] = (code, _reply_text(text))
+                    elif rcpt not in accepted:
+                        accepted.append(rcpt)
+                        refused.pop(rcpt, None)
+                # Only temporary refusals (4xx) are tried again, and only for those recipients.
+                pending = [r for r in dict.fromkeys(pending) if _temporary(rejected.get(r))]
+                if not refused:
+                    return
+                now = time.monotonic()
+                if not pending or now >= deadline:
+                    raise self._refusal(
+                        message_id, refused, accepted, attempts=attempts, start=start
+                    )
+                # A new session for the retry, as for any other temporary failure.
+                self._drop()
+                cause = _describe_refused({r: refused[r] for r in pending})
+            pause = min(delay * random.uniform(0.5, 1.5), deadline - now)
+            logger.warning(
+                "sending %s to %s failed (%s); retrying in %.2f s",
+                message_id,
+                self._label,
+                cause,
+                pause,
+            )
+            self._count("send_retries")
+            self._closing.wait(pause)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _refusal(
+        self,
+        message_id: str,
+        refused: dict[str, tuple[int, str]],
+        accepted: list[str],
+        *,
+        attempts: int,
+        start: float,
+        cause: str | None = None,
+    ) -> RecipientsRefusedError:
+        """Count a send that ended with recipients refused and make its error."""
+        self._count("send_failures")
+        took = f"after {attempts} attempt(s) in {time.monotonic() - start:.1f} s"
+        if cause is not None:
+            took += f": {cause}"
+        elif any(_temporary(reply) for reply in refused.values()):
+            took += f": still refused at send-timeout ({self._options.send_timeout:g} s)"
+        got_it = f"accepted for {', '.join(accepted)}" if accepted else "no recipient accepted it"
+        message = (
+            f"{self._label} refused {message_id} for {len(refused)} recipient(s): "
+            f"{_describe_refused(refused)}; {got_it} ({took})"
+        )
+        return RecipientsRefusedError(
+            message, refused=refused, accepted=tuple(accepted), server=self._server
+        )
 
     def _usable_connection(self, deadline: float) -> smtplib.SMTP:
         conn = self._conn
@@ -513,10 +593,6 @@ class SmtpEmailSender(EmailSender):
     def _describe(self, exc: BaseException) -> str:
         """A short cause for log lines and error messages (never a password)."""
         exc = _underlying(exc)
-        if isinstance(exc, smtplib.SMTPRecipientsRefused):
-            return "; ".join(
-                f"{rcpt}: {code} {_reply_text(msg)}" for rcpt, (code, msg) in exc.recipients.items()
-            )
         if isinstance(exc, smtplib.SMTPResponseException):
             return f"{exc.smtp_code} {_reply_text(exc.smtp_error)}"
         if isinstance(exc, TimeoutError):
