@@ -437,19 +437,24 @@ class Options(_Model):
     def from_file(cls, path: str | os.PathLike[str]) -> Options:
         """Read and validate a YAML config file."""
         source = os.fspath(path)
+        problem = None
         try:
             with open(source, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh)
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {source}", path=source) from None
-        except UnicodeDecodeError as exc:  # the message would quote a byte of the file
-            raise ConfigError(
-                f"config file {source} is not UTF-8 text (at byte {exc.start})", path=source
-            ) from None
+            problem = f"config file not found: {source}"
+        except UnicodeDecodeError as exc:
+            # Not raised here: the decoding error (it holds the file's bytes, secrets
+            # included) would be the new error's __context__.
+            problem = f"config file {source} is not UTF-8 text (at byte {exc.start})"
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc}", path=source) from None
+            problem = f"cannot read config file {source}: {exc}"
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}", path=source) from None
+            problem = f"{source}: not valid YAML: {exc}"
+        except RecursionError:
+            problem = f"{source}: not valid YAML: nested too deeply"
+        if problem is not None:
+            raise ConfigError(problem, path=source)
         logger.debug("loaded config from %s", source)
         return cls.from_dict(data, source=source)._relative_to(Path(source).parent)
 
