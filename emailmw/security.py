@@ -135,13 +135,13 @@ class _ReplayMemory:
 
     A digest is 8 bytes of BLAKE2b keyed with a per-process random salt (no one can
     aim a collision at it). New digests go into a small *hot* set; every
-    ``retention / 32`` seconds (or when the hot set reaches 1/32 of the capacity) it is
+    ``retention / 16`` seconds (or when the hot set reaches 1/16 of the capacity) it is
     frozen into a sorted ``array('Q')`` (8 bytes an id) that expires as a whole once
     the last id in it is ``retention`` old. A lookup is one set probe plus a binary
-    search in each frozen array (at most about 65 of them).
+    search in each frozen array (at most about 33 of them).
     """
 
-    _SLICES = 32
+    _SLICES = 16
 
     def __init__(self, retention: float, capacity: int, now: float) -> None:
         self._retention = retention
