@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from emailmw.errors import ConfigError
 
 __all__ = [
     "CONFIG_FILE_ENV",
+    "MIN_SIGNING_KEY_BYTES",
     "PASSWORD_ENV",
     "SIGNING_KEY_ENV",
     "Options",
@@ -60,6 +62,19 @@ CONFIG_FILE_ENV = "EMAIL_CONFIG_FILE"
 PASSWORD_ENV = "EMAILMW_PASSWORD"
 SIGNING_KEY_ENV = "EMAILMW_SIGNING_KEY"
 _CONFIG_FILE_NAME = "email.yml"
+
+# Upper bounds of the numeric keys (docs/config.md lists them): beyond them a value is a
+# mistake, and some would overflow the timers and sockets they feed.
+_MAX_TIMEOUT = 24 * 3600.0  # timeout, send-timeout: one day
+_MAX_POLLING_PERIOD_NS = 3600 * 10**9  # one hour
+_MAX_REORDER_WINDOW = 3600.0  # one hour
+_MAX_QUEUE_DEPTH = 10_000_000
+_MAX_MESSAGE_SIZE_LIMIT = 1 << 30  # 1 GiB
+_MAX_MAX_AGE = 365 * 24 * 3600.0  # one year
+#: The shortest signing key accepted, in bytes (an empty HMAC key lets anyone sign).
+MIN_SIGNING_KEY_BYTES = 16
+#: Secret files larger than this are refused (a key or password is a few bytes).
+_MAX_SECRET_FILE = 64 * 1024
 
 _DEFAULT_PORTS = {
     "imap": (143, "starttls"),
@@ -119,8 +134,23 @@ def parse_server_url(url: str, protocol: Literal["imap", "smtp"]) -> ServerAddre
     return ServerAddress(scheme, host, port or default_port, tls)  # type: ignore[arg-type]
 
 
+#: The local part of an address: RFC 5322 ``dot-atom`` characters (no quoted local parts).
+_ADDRESS_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+#: The domain of an address: host name labels, or an address literal such as ``[127.0.0.1]``.
+_ADDRESS_DOMAIN = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[!-Z^-~]+\]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_ASCII_ADDRESS = (
+    "internationalized email addresses (SMTPUTF8, IDNA) are not supported; "
+    "use the ASCII form of the address (a domain in punycode: xn--...)"
+)
+
+
 def _check_address(address: str) -> None:
-    if "@" not in address or any(c in address for c in "\r\n\0<>, "):
+    """Raise :class:`ValueError` unless ``address`` is a bare ASCII ``local@domain``."""
+    if not address.isascii():
+        raise ValueError(f"{address!r} is not ASCII: {_NOT_ASCII_ADDRESS}")
+    local, _, domain = address.rpartition("@")
+    if not _ADDRESS_LOCAL.fullmatch(local) or not _ADDRESS_DOMAIN.fullmatch(domain):
         raise ValueError(f"not an email address: {address!r}")
 
 
@@ -208,23 +238,37 @@ class Options(_Model):
 
     user: UserOptions | None = None
     recipients: RecipientsOptions = Field(default_factory=RecipientsOptions)
-    polling_period: int = Field(default=100_000_000, alias="polling-period", ge=0, strict=True)
+    polling_period: int = Field(
+        default=100_000_000, alias="polling-period", ge=0, le=_MAX_POLLING_PERIOD_NS, strict=True
+    )
     intraprocess: bool = False
     receive_mode: Literal["auto", "idle", "poll"] = Field(default="auto", alias="receive-mode")
     mailbox: str = "INBOX"
     tls: TlsOptions = Field(default_factory=TlsOptions)
     password_file: Path | None = Field(default=None, alias="password-file")
     from_address: str | None = Field(default=None, alias="from")
-    timeout: float = Field(default=10.0, gt=0)
-    send_timeout: float = Field(default=30.0, alias="send-timeout", gt=0)
-    reorder_window: float = Field(default=5.0, alias="reorder-window", ge=0)
-    queue_depth: int = Field(default=10_000, alias="queue-depth", ge=1, strict=True)
+    timeout: float = Field(default=10.0, gt=0, le=_MAX_TIMEOUT, allow_inf_nan=False)
+    send_timeout: float = Field(
+        default=30.0, alias="send-timeout", gt=0, le=_MAX_TIMEOUT, allow_inf_nan=False
+    )
+    reorder_window: float = Field(
+        default=5.0, alias="reorder-window", ge=0, le=_MAX_REORDER_WINDOW, allow_inf_nan=False
+    )
+    queue_depth: int = Field(
+        default=10_000, alias="queue-depth", ge=1, le=_MAX_QUEUE_DEPTH, strict=True
+    )
     max_message_size: int = Field(
-        default=25 * 1024 * 1024, alias="max-message-size", ge=1, strict=True
+        default=25 * 1024 * 1024,
+        alias="max-message-size",
+        ge=1,
+        le=_MAX_MESSAGE_SIZE_LIMIT,
+        strict=True,
     )
     signing_key: SecretStr | None = Field(default=None, alias="signing-key")
     signing_key_file: Path | None = Field(default=None, alias="signing-key-file")
-    max_age: float = Field(default=24 * 3600.0, alias="max-age", gt=0)
+    max_age: float = Field(
+        default=24 * 3600.0, alias="max-age", gt=0, le=_MAX_MAX_AGE, allow_inf_nan=False
+    )
     allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
 
     def __init__(self, /, **data: Any) -> None:
@@ -234,11 +278,39 @@ class Options(_Model):
             super().__init__(**data)
         except ValidationError as exc:
             raise _config_error(exc, _SOURCE.get()) from None
+        self._check_from_fallback()
+
+    def _check_from_fallback(self) -> None:
+        """Without ``from``, the SMTP sender writes ``From`` from the username (or
+        ``username@smtp-host``): that address must then be ASCII."""
+        if self.intraprocess or self.user is None or self.from_address is not None:
+            return
+        username = self.user.username
+        fallback = username if "@" in username else f"{username or 'emailmw'}@{self.user.smtp.host}"
+        if not fallback.isascii():
+            source = _SOURCE.get()
+            raise ConfigError(
+                f"email.user.username: {fallback!r} is the From address because email.from "
+                f"is not set, and it is not ASCII: {_NOT_ASCII_ADDRESS}; set email.from "
+                f"(in {source})",
+                key="email.user.username",
+                path=None if source == _KEYWORDS else source,
+            )
 
     @field_validator("allowed_senders", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return _as_list(value)
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _check_senders(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry.isascii():
+                raise ValueError(f"{entry!r} is not ASCII: {_NOT_ASCII_ADDRESS}")
+            if not entry.strip().lstrip("@"):
+                raise ValueError(f"{entry!r} is neither an address nor a domain")
+        return value
 
     @field_validator("from_address")
     @classmethod
@@ -263,22 +335,79 @@ class Options(_Model):
     # -- secrets -----------------------------------------------------------------
 
     def resolve_password(self) -> str | None:
-        """The password: ``user.password``, else ``password-file``, else ``$EMAILMW_PASSWORD``."""
+        """The password: ``user.password``, else ``password-file``, else ``$EMAILMW_PASSWORD``.
+
+        Raises :class:`ConfigError` naming the source (never quoting the content)
+        when the password is not valid UTF-8 text or its file cannot be read.
+        """
         if self.user is not None and self.user.password is not None:
-            return self.user.password.get_secret_value()
-        if self.password_file is not None:
-            return _read_secret_file(self.password_file, "email.password-file")
-        return os.environ.get(PASSWORD_ENV)
+            value = self.user.password.get_secret_value()
+            key = "email.user.password"
+        elif self.password_file is not None:
+            text = _text_secret(_read_secret_file(self.password_file, "email.password-file"))
+            if text is None:
+                raise ConfigError(
+                    f"email.password-file: {self.password_file} is not UTF-8 text",
+                    key="email.password-file",
+                )
+            value = text.strip()
+            key = "email.password-file"
+        else:
+            env = os.environ.get(PASSWORD_ENV)
+            if env is None:
+                return None
+            value, key = env, f"${PASSWORD_ENV}"
+            del env
+        if _SURROGATE.search(value) is not None:
+            del value  # the traceback keeps this frame's variables
+            raise ConfigError(f"{key}: the password is not valid UTF-8 text", key=key)
+        return value
 
     def resolve_signing_key(self) -> bytes | None:
         """The signing key: ``signing-key``, else ``signing-key-file``, else
-        ``$EMAILMW_SIGNING_KEY``."""
+        ``$EMAILMW_SIGNING_KEY``; ``None`` when none is set.
+
+        A key file that is UTF-8 text is stripped of surrounding white space (so
+        ``echo key > file`` works); any other file is the key as it is, byte for
+        byte (``head -c 32 /dev/urandom > file``). Raises :class:`ConfigError`,
+        naming the source and never quoting the key, for an unreadable file, a key
+        shorter than :data:`MIN_SIGNING_KEY_BYTES` bytes, or an empty
+        ``$EMAILMW_SIGNING_KEY``.
+        """
         if self.signing_key is not None:
-            return self.signing_key.get_secret_value().encode()
-        if self.signing_key_file is not None:
-            return _read_secret_file(self.signing_key_file, "email.signing-key-file").encode()
-        value = os.environ.get(SIGNING_KEY_ENV)
-        return value.encode() if value else None
+            text = self.signing_key.get_secret_value()
+            key = "email.signing-key"
+            if _SURROGATE.search(text) is not None:
+                del text  # the traceback keeps this frame's variables
+                raise ConfigError(f"{key}: the signing key is not valid UTF-8 text", key=key)
+            value, text = text.encode("utf-8"), ""
+        elif self.signing_key_file is not None:
+            key = "email.signing-key-file"
+            value = _key_from_file_content(_read_secret_file(self.signing_key_file, key))
+        else:
+            key = f"${SIGNING_KEY_ENV}"
+            if os.supports_bytes_environ:
+                env = os.environb.get(os.fsencode(SIGNING_KEY_ENV))
+            else:  # pragma: no cover - Windows
+                text_env = os.environ.get(SIGNING_KEY_ENV)
+                env = None if text_env is None else text_env.encode("utf-8", "surrogatepass")
+                del text_env
+            if env is None:
+                return None
+            if not env:
+                raise ConfigError(
+                    f"{key} is set but empty: unset it to run without signing", key=key
+                )
+            value = env
+            del env
+        if len(value) < MIN_SIGNING_KEY_BYTES:
+            del value  # the traceback keeps this frame's variables
+            raise ConfigError(
+                f"{key}: the signing key is shorter than {MIN_SIGNING_KEY_BYTES} bytes "
+                "(make one with: head -c 32 /dev/urandom > signing.key)",
+                key=key,
+            )
+        return value
 
     # -- loading -----------------------------------------------------------------
 
@@ -308,15 +437,24 @@ class Options(_Model):
     def from_file(cls, path: str | os.PathLike[str]) -> Options:
         """Read and validate a YAML config file."""
         source = os.fspath(path)
+        problem = None
         try:
             with open(source, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh)
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {source}", path=source) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc}", path=source) from None
+            problem = f"config file not found: {source}"
+        except UnicodeDecodeError as exc:
+            # Not raised here: the decoding error (it holds the file's bytes, secrets
+            # included) would be the new error's __context__.
+            problem = f"config file {source} is not UTF-8 text (at byte {exc.start})"
+        except OSError as exc:
+            problem = f"cannot read config file {source}: {exc}"
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}", path=source) from None
+            problem = f"{source}: not valid YAML: {exc}"
+        except RecursionError:
+            problem = f"{source}: not valid YAML: nested too deeply"
+        if problem is not None:
+            raise ConfigError(problem, path=source)
         logger.debug("loaded config from %s", source)
         return cls.from_dict(data, source=source)._relative_to(Path(source).parent)
 
@@ -358,11 +496,42 @@ class Options(_Model):
         return cls.from_file(path)
 
 
-def _read_secret_file(path: Path, key: str) -> str:
+def _read_secret_file(path: Path, key: str) -> bytes:
+    """The bytes of a secret file; :class:`ConfigError` naming ``key`` and the file."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        with open(path, "rb") as fh:
+            data = fh.read(_MAX_SECRET_FILE + 1)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}", key=key) from None
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{key}: cannot read {path}: {reason}", key=key) from None
+    if len(data) > _MAX_SECRET_FILE:
+        del data  # the traceback keeps this frame's variables
+        raise ConfigError(
+            f"{key}: {path} is larger than {_MAX_SECRET_FILE // 1024} KiB: not a secret file",
+            key=key,
+        )
+    return data
+
+
+def _text_secret(data: bytes) -> str | None:
+    """``data`` decoded as UTF-8, or ``None``. Never raises: an exception raised while
+    handling a decoding error would carry that error, and it holds ``data``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _key_from_file_content(data: bytes) -> bytes:
+    """A signing key file's key: text (UTF-8 without control characters inside) is
+    stripped of surrounding white space; anything else is taken byte for byte."""
+    text = _text_secret(data)
+    if text is None:
+        return data
+    text = text.strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return data
+    return text.encode("utf-8")
 
 
 #: Where the values being validated come from, for error messages.

@@ -24,6 +24,9 @@ it is dispatched:
       dropped (``bad_signature``), and so is a replay (``replay``): a
       ``Message-ID`` accepted before, or a ``Source-Timestamp`` older than
       ``max-age`` (or more than :data:`MAX_CLOCK_SKEW` seconds in the future).
+      Accepted ids are remembered until they are too old to pass the age check,
+      up to :data:`REPLAY_MEMORY_CAPACITY` of them; while that memory is full a
+      new email is refused (``replay_memory_full``), never an id forgotten early.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
+from array import array
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Iterable
+from hashlib import blake2b
 from typing import TYPE_CHECKING
 
 from emailmw.info import (
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_CLOCK_SKEW",
+    "REPLAY_MEMORY_CAPACITY",
     "SIGNATURE_HEADER",
     "AdmissionPolicy",
     "compute_signature",
@@ -68,8 +76,10 @@ SIGNATURE_HEADER = "Emailmw-Signature"
 _SCHEME = "v1 hmac-sha256 "
 #: Seconds a Source-Timestamp may lie in the future (clock skew between hosts).
 MAX_CLOCK_SKEW = 300.0
-#: Upper bound of remembered Message-IDs for replay detection.
-REPLAY_WINDOW = 200_000
+#: The most Message-IDs one process remembers against replays (about 8 to 10 bytes
+#: each: see docs/security.md). While full, new signed emails are refused.
+REPLAY_MEMORY_CAPACITY = 2_000_000
+_FULL_LOG_EVERY = 60.0  # seconds between WARNINGs while the replay memory stays full
 _SIGNED_HEADERS = (
     HEADER_SOURCE_TIMESTAMP,
     HEADER_PUBLISHER_GID,
@@ -119,11 +129,90 @@ def _normalize_sender(entry: str) -> str:
     return entry.strip().lower()
 
 
+class _ReplayMemory:
+    """Digests of accepted Message-IDs, each kept ``retention`` seconds after it was
+    accepted (the caller serializes every call).
+
+    A digest is 8 bytes of BLAKE2b keyed with a per-process random salt (no one can
+    aim a collision at it). New digests go into a small *hot* set; every
+    ``retention / 16`` seconds (or when the hot set reaches 1/16 of the capacity) it is
+    frozen into a sorted ``array('Q')`` (8 bytes an id) that expires as a whole once
+    the last id in it is ``retention`` old. A lookup is one set probe plus a binary
+    search in each frozen array (at most about 33 of them).
+    """
+
+    _SLICES = 16
+
+    def __init__(self, retention: float, capacity: int, now: float) -> None:
+        self._retention = retention
+        self._width = max(retention / self._SLICES, 1.0)
+        self._hot_limit = max(capacity // self._SLICES, 1)
+        self._salt = os.urandom(16)
+        self._hot: set[int] = set()
+        self._hot_end = now + self._width
+        # (forget after this time, sorted digests), oldest first
+        self._frozen: deque[tuple[float, array[int]]] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def digest(self, message_id: str) -> int:
+        """The digest of ``message_id`` (computable without the caller's lock)."""
+        data = message_id.encode("utf-8", "surrogatepass")
+        return int.from_bytes(blake2b(data, digest_size=8, key=self._salt).digest(), "big")
+
+    def expire(self, now: float) -> None:
+        """Freeze the hot set when its slice of time is over; forget expired slices."""
+        if now >= self._hot_end:
+            self._freeze()
+            self._hot_end = now + self._width
+        frozen = self._frozen
+        while frozen and frozen[0][0] < now:
+            self._size -= len(frozen.popleft()[1])
+
+    def _freeze(self) -> None:
+        if self._hot:
+            # every id in the hot set was accepted before _hot_end (expire() runs first)
+            self._frozen.append((self._hot_end + self._retention, array("Q", sorted(self._hot))))
+            self._hot = set()
+
+    def __contains__(self, digest: int) -> bool:
+        if digest in self._hot:
+            return True
+        for _, ids in self._frozen:
+            index = bisect_left(ids, digest)
+            if index < len(ids) and ids[index] == digest:
+                return True
+        return False
+
+    def add(self, digest: int) -> None:
+        """Remember ``digest`` (accepted now, after :meth:`expire`)."""
+        self._hot.add(digest)
+        self._size += 1
+        if len(self._hot) >= self._hot_limit:
+            self._freeze()
+
+    @property
+    def slices(self) -> int:
+        """How many frozen arrays a lookup searches (for tests and benchmarks)."""
+        return len(self._frozen)
+
+
 class AdmissionPolicy:
     """Decides whether a received email may be dispatched.
 
     :meth:`check` returns ``None`` to admit, or the :class:`DropReason`.
     Thread-safe.
+
+    Replays (with a key): every accepted Message-ID is remembered until an email
+    with it would be refused for its age anyway (``max-age`` +
+    :data:`MAX_CLOCK_SKEW` after it was accepted), so a fresh, never-seen email
+    within ``max-age`` is never refused as a replay. At most ``capacity`` ids
+    (default :data:`REPLAY_MEMORY_CAPACITY`) are remembered; while the memory is
+    full, new emails are refused (``replay_memory_full``, logged at WARNING)
+    rather than any id forgotten early. ``clock`` (seconds since the epoch,
+    default :func:`time.time`) is the wall clock that ages are measured with.
     """
 
     def __init__(
@@ -132,6 +221,8 @@ class AdmissionPolicy:
         *,
         max_age: float = 24 * 3600.0,
         allowed_senders: Iterable[str] = (),
+        capacity: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._key = key
         self._max_age = max_age
@@ -142,16 +233,30 @@ class AdmissionPolicy:
                 self._addresses.add(entry)
             else:
                 self._domains.add(entry.lstrip("@"))
-        # Message-ID -> (accepted at, Source-Timestamp in ns)
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        # emails stamped at or before this were pushed out of memory unexpired: refused
-        self._floor_ns: int | None = None
+        self._clock = clock
+        self._capacity = REPLAY_MEMORY_CAPACITY if capacity is None else capacity
+        if self._capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {self._capacity}")
+        self._memory = _ReplayMemory(max_age + MAX_CLOCK_SKEW, self._capacity, clock())
+        self._refused_full = 0  # refused since the memory last had room
+        self._full_logged_at: float | None = None
         self._lock = threading.Lock()
 
     @property
     def active(self) -> bool:
         """True if this policy can drop anything."""
         return self._key is not None or bool(self._addresses or self._domains)
+
+    @property
+    def remembered(self) -> int:
+        """How many Message-IDs the replay memory holds now."""
+        with self._lock:
+            return len(self._memory)
+
+    @property
+    def capacity(self) -> int:
+        """The most Message-IDs the replay memory holds."""
+        return self._capacity
 
     def check(self, email: EmailData) -> DropReason | None:
         """Admit ``email`` (``None``) or say why it must be dropped."""
@@ -175,29 +280,43 @@ class AdmissionPolicy:
     def _check_replay(self, email: EmailData) -> DropReason | None:
         text = email.headers.get(HEADER_SOURCE_TIMESTAMP)
         stamp = Timestamp.from_string(text) if text is not None else None
-        now = time.time()
-        if stamp is not None:
+        if not email.message_id or stamp is None:
+            return DropReason.REPLAY  # freshness cannot be shown
+        digest = self._memory.digest(email.message_id)
+        with self._lock:
+            now = self._clock()
             age = now - stamp.nanoseconds / 1e9
             if age > self._max_age or age < -MAX_CLOCK_SKEW:
                 return DropReason.REPLAY
-        if not email.message_id or stamp is None:
-            return DropReason.REPLAY  # freshness cannot be shown
-        with self._lock:
-            seen = self._seen
-            if email.message_id in seen:
+            memory = self._memory
+            memory.expire(now)
+            if digest in memory:
                 return DropReason.REPLAY
-            if self._floor_ns is not None and stamp.nanoseconds <= self._floor_ns:
-                return DropReason.REPLAY
-            seen[email.message_id] = (now, stamp.nanoseconds)
-            # Forget ids older than max-age: a replay of those fails the age check. An id
-            # forgotten earlier (memory full) raises the floor instead.
-            horizon = now - self._max_age - MAX_CLOCK_SKEW
-            while seen:
-                accepted, stamped = next(iter(seen.values()))
-                if len(seen) > REPLAY_WINDOW:
-                    floor = self._floor_ns
-                    self._floor_ns = stamped if floor is None else max(floor, stamped)
-                elif accepted >= horizon:
-                    break
-                seen.popitem(last=False)
+            if len(memory) >= self._capacity:
+                self._refuse_full(now)
+                return DropReason.REPLAY_MEMORY_FULL
+            memory.add(digest)
+            if self._refused_full:
+                logger.warning(
+                    "the replay memory has room again; %d new signed email(s) were refused "
+                    "while it was full",
+                    self._refused_full,
+                )
+                self._refused_full = 0
+                self._full_logged_at = None
         return None
+
+    def _refuse_full(self, now: float) -> None:
+        """Count and log (at most once a minute) a refusal for a full memory (lock held)."""
+        self._refused_full += 1
+        if self._full_logged_at is None or now - self._full_logged_at >= _FULL_LOG_EVERY:
+            self._full_logged_at = now
+            logger.warning(
+                "the replay memory is full (%d Message-IDs, each kept max-age %g s + %g s "
+                "of clock skew): refusing new signed emails (%d so far) until the oldest "
+                "expire; lower max-age or the sending rate",
+                self._capacity,
+                self._max_age,
+                MAX_CLOCK_SKEW,
+                self._refused_full,
+            )

@@ -217,10 +217,15 @@ class ServiceServer(Entity, Waitable):
         """Reply to the request ``request_id`` with ``response``.
 
         Raises :class:`~emailmw.UnknownRequestError` if this server has no such
-        request waiting for an answer (never received, or answered already).
+        request waiting for an answer (never received, or answered already), and
+        :class:`TypeError` if an argument is not of its type.
         """
         if not isinstance(response, str):
             raise TypeError(f"response must be a str, got {type(response).__name__}")
+        if not isinstance(request_id, ServiceRequestId):
+            raise TypeError(
+                f"request_id must be a ServiceRequestId, got {type(request_id).__name__}"
+            )
         context = self._context
         context._check()
         with self._lock:

@@ -17,6 +17,8 @@ class DropReason(enum.Enum):
     UNSIGNED = "unsigned"  #: a signing key is set and the email has no signature
     BAD_SIGNATURE = "bad_signature"  #: the signature does not verify
     REPLAY = "replay"  #: a signed email seen before, or older than ``max-age``
+    #: a fresh signed email refused because the replay memory is full
+    REPLAY_MEMORY_FULL = "replay_memory_full"
     SENDER_NOT_ALLOWED = "sender_not_allowed"  #: ``From`` not in ``allowed-senders``
     TOO_LARGE = "too_large"  #: bigger than ``max-message-size``
     QUEUE_FULL = "queue_full"  #: an entity's queue was full; the oldest entry was dropped

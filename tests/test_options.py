@@ -555,3 +555,136 @@ def test_a_bad_keyword_argument_does_not_echo_the_password() -> None:
     assert info.value.key == "email.user.url-imap"
     assert "hunter2-secret" not in str(info.value)
     assert "hunter2-secret" not in repr(info.value)
+
+
+# -- bounds of the numeric keys (docs/config.md lists them) -----------------------------
+
+# key: (largest accepted value, a value just beyond it, whether it is a float)
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "polling-period": (3_600_000_000_000, 3_600_000_000_001, False),
+    "timeout": (86_400, 86_400.001, True),
+    "send-timeout": (86_400, 86_400.001, True),
+    "reorder-window": (3_600, 3_600.001, True),
+    "queue-depth": (10_000_000, 10_000_001, False),
+    "max-message-size": (1 << 30, (1 << 30) + 1, False),
+    "max-age": (31_536_000, 31_536_000.001, True),
+}
+
+
+def test_every_numeric_key_has_a_bound() -> None:
+    numeric = {
+        field.alias or name
+        for name, field in Options.model_fields.items()
+        if field.annotation in (int, float)
+    }
+    assert numeric == set(BOUNDS)
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_the_largest_value_of_a_numeric_key_is_accepted(tmp_path: Path, key: str) -> None:
+    largest = BOUNDS[key][0]
+    path = write(tmp_path / "email.yml", f"email:\n  intraprocess: true\n  {key}: {largest}\n")
+    options = Options.from_file(path)
+    assert getattr(options, key.replace("-", "_")) == largest
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_a_numeric_key_beyond_its_bound_is_refused(tmp_path: Path, key: str) -> None:
+    beyond = BOUNDS[key][1]
+    err = load_error(tmp_path, f"email:\n  intraprocess: true\n  {key}: {beyond!r}\n")
+    assert err.key == f"email.{key}"
+    assert "less than or equal to" in str(err)
+
+
+@pytest.mark.parametrize("value", ["1e10", "1e300", ".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key", sorted(k for k, (_, _, is_float) in BOUNDS.items() if is_float))
+def test_huge_infinite_and_nan_durations_are_refused(tmp_path: Path, key: str, value: str) -> None:
+    """``timeout: 1e10`` used to load and then raise OverflowError in every wait."""
+    err = load_error(tmp_path, f"email:\n  intraprocess: true\n  {key}: {value}\n")
+    assert err.key == f"email.{key}"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, (_, _, is_float) in BOUNDS.items() if not is_float))
+def test_huge_counts_are_refused(tmp_path: Path, key: str) -> None:
+    err = load_error(tmp_path, f"email:\n  intraprocess: true\n  {key}: {10**30}\n")
+    assert err.key == f"email.{key}"
+
+
+# -- addresses are ASCII ------------------------------------------------------------------
+
+NON_ASCII = ["jürgen@example.com", "user@bücher.example", "пользователь@пример.рф"]
+
+
+@pytest.mark.parametrize("address", NON_ASCII)
+@pytest.mark.parametrize("field", ["to", "cc", "bcc"])
+def test_a_non_ascii_recipient_is_refused_at_load(tmp_path: Path, field: str, address: str) -> None:
+    err = load_error(
+        tmp_path,
+        f"email:\n  intraprocess: true\n  recipients:\n    {field}: {json.dumps(address)}\n",
+    )
+    assert err.key == f"email.recipients.{field}"
+    assert "not ASCII" in str(err) and "not supported" in str(err)
+
+
+@pytest.mark.parametrize("address", NON_ASCII)
+def test_a_non_ascii_from_or_allowed_sender_is_refused_at_load(
+    tmp_path: Path, address: str
+) -> None:
+    err = load_error(tmp_path, f"email:\n  intraprocess: true\n  from: {json.dumps(address)}\n")
+    assert err.key == "email.from"
+    assert "internationalized email addresses" in str(err)
+    domain = address.rpartition("@")[2]
+    for entry in [address] + ([] if domain.isascii() else [domain, "@" + domain]):
+        err = load_error(
+            tmp_path, f"email:\n  intraprocess: true\n  allowed-senders: [{json.dumps(entry)}]\n"
+        )
+        assert err.key == "email.allowed-senders"
+        assert "not supported" in str(err)
+
+
+@pytest.mark.parametrize("username", ["jürgen@example.com", "jürgen"])
+def test_a_non_ascii_username_used_as_from_is_refused_at_load(
+    tmp_path: Path, username: str
+) -> None:
+    """Without ``from``, the username (or ``username@smtp-host``) is the From address."""
+    user = (
+        f"  user:\n    url-smtp: smtp://127.0.0.1:25\n    url-imap: imap://127.0.0.1:143\n"
+        f"    username: {json.dumps(username)}\n"
+    )
+    err = load_error(tmp_path, f"email:\n{user}")
+    assert err.key == "email.user.username"
+    assert "email.from" in str(err) and "not supported" in str(err)
+    assert err.path is not None
+    # with an ASCII `from`, a non-ASCII login name is fine (it is sent with AUTH PLAIN)
+    path = write(tmp_path / "ok.yml", f"email:\n{user}  from: me@example.com\n")
+    assert Options.from_file(path).user is not None
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a@b@c.example", "a@b(c", "a@", "@example.com", 'a"b@example.com', "a@.example", "a@ex;ample"],
+)
+def test_addresses_that_could_not_be_sent_are_refused(tmp_path: Path, address: str) -> None:
+    err = load_error(
+        tmp_path, f"email:\n  intraprocess: true\n  recipients:\n    to: {json.dumps(address)}\n"
+    )
+    assert err.key == "email.recipients.to"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a.b+tag@example.com", "x_y@mail-1.example.test", "user@[127.0.0.1]", "o'neil@ex.io"],
+)
+def test_ordinary_addresses_load(address: str) -> None:
+    options = Options.from_dict({"email": {"intraprocess": True, "recipients": {"to": address}}})
+    assert options.recipients.to == [address]
+
+
+def test_a_config_file_that_is_not_utf8_quotes_none_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yml"
+    path.write_bytes(b"email:\n  user:\n    password: s\xe9cret\n")
+    with pytest.raises(ConfigError) as info:
+        Options.from_file(path)
+    assert "not UTF-8" in str(info.value)
+    assert "xe9" not in str(info.value).lower() and "\xe9" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__context__ is None

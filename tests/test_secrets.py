@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,20 +49,33 @@ FAKE_PASSWORD = "pw-Jk4Ls8Qe2Rt6Yu0Io3Pa7Sd"
 # ----------------------------------------------------------------------------- scanning
 
 
-def encodings(secret: str, username: str | None = None) -> dict[str, str]:
+def encodings(secret: str | bytes, username: str | None = None) -> dict[str, str]:
     """``secret`` as it may be written: itself, hex, base64 at each of the three byte
-    alignments (the stable middle part), and the exact AUTH PLAIN strings."""
-    raw = secret.encode("utf-8")
-    found = {"plain": secret, "hex": raw.hex()}
+    alignments (the stable middle part), its escaped ``repr``, and the exact AUTH
+    PLAIN strings. A ``bytes`` secret also as Latin-1 text and as the text
+    ``os.environ`` would give (undecodable bytes as lone surrogates)."""
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    text = secret if isinstance(secret, str) else raw.decode("latin-1")
+    found = {"plain": text, "hex": raw.hex(), "repr(bytes)": repr(raw)[2:-1]}
+    if isinstance(secret, str):
+        found["repr"] = repr(secret)[1:-1]
+    else:
+        found["repr(surrogateescape)"] = repr(raw.decode("utf-8", "surrogateescape"))[1:-1]
     for shift in range(3):
         encoded = base64.b64encode(b"\0" * shift + raw).decode("ascii")
         start = 4 if shift else 0  # the first quantum mixes in the padding bytes
         found[f"base64+{shift}"] = encoded[start : len(encoded) - 4]
-    if username is not None:
+    if username is not None and isinstance(secret, str):
         for plain in (f"\0{username}\0{secret}", f"{username}\0{username}\0{secret}"):
             found[f"AUTH PLAIN {plain[:1]!r}"] = base64.b64encode(plain.encode()).decode()
     assert all(len(value) >= 8 for value in found.values())
     return found
+
+
+def binary_secret(core: str) -> bytes:
+    """A secret that is not UTF-8, around an ASCII ``core`` that the scans also look
+    for alone (a leak that decodes with replacement characters still shows it)."""
+    return b"\xff\xfe\x00" + core.encode("ascii") + b"\x80\x81\xc3\n"
 
 
 def scan(texts: Iterable[tuple[str, str]], secrets: dict[str, dict[str, str]]) -> list[str]:
@@ -85,26 +99,35 @@ def record_texts(records: Iterable[logging.LogRecord]) -> Iterator[tuple[str, st
         yield f"log record args {record.name}:{record.lineno}", repr(record.args)
 
 
-def exception_texts(exc: BaseException) -> Iterator[tuple[str, str]]:
-    """``str``, ``repr``, ``args`` and the formatted traceback of ``exc`` and of the
-    exceptions chained to it (as a traceback would show them)."""
+def exception_texts(exc: BaseException, *, frames: bool = False) -> Iterator[tuple[str, str]]:
+    """``str``, ``repr``, ``args`` and the formatted traceback of ``exc`` and of every
+    exception chained to it, through ``__cause__`` and ``__context__`` alike (a
+    suppressed context is not printed, but it is still there for any error
+    reporter). With ``frames``, also the variables of every frame of emailmw's in
+    their tracebacks (error reporters capture those too)."""
     yield "traceback", "".join(traceback.format_exception(exc))
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
         seen.add(id(current))
         name = type(current).__name__
         yield f"str({name})", str(current)
         yield f"repr({name})", repr(current)
         yield f"{name}.args", repr(current.args)
         yield f"{name}.__dict__", repr(vars(current))
-        # what a traceback shows: the cause, else the context unless suppressed (from None)
-        if current.__cause__ is not None:
-            current = current.__cause__
-        elif not current.__suppress_context__:
-            current = current.__context__
-        else:
-            current = None
+        yield f"traceback({name})", "".join(traceback.format_exception(current))
+        if frames:
+            tb = current.__traceback__
+            while tb is not None:
+                frame = tb.tb_frame
+                if "/emailmw/" in frame.f_code.co_filename.replace("\\", "/"):
+                    for var, value in frame.f_locals.items():
+                        yield f"{frame.f_code.co_name}:{var} of {name}", repr(value)
+                tb = tb.tb_next
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
 
 
 def object_texts(**objects: Any) -> Iterator[tuple[str, str]]:
@@ -305,3 +328,196 @@ def test_non_ascii_password_failure_shows_no_secret(
     secrets = {"password": encodings(password, dev_server.account("alice").address)}
     assert scan(texts, secrets) == []
     assert isinstance(info.value, EmailmwError), repr(type(info.value))
+
+
+# ----------------------------------------------------------------------------- secret files
+
+BINARY_KEY = binary_secret("Kx-Binary-Key-Core-7Qm")
+BINARY_PASSWORD = binary_secret("pw-Binary-Core-Zq9Lk")
+
+
+def _binary_forms() -> dict[str, dict[str, str]]:
+    return {
+        "binary key": encodings(BINARY_KEY),
+        "binary key core": {"plain": "Kx-Binary-Key-Core-7Qm"},
+        "binary password": encodings(BINARY_PASSWORD),
+        "binary password core": {"plain": "pw-Binary-Core-Zq9Lk"},
+    }
+
+
+def test_a_binary_signing_key_file_is_a_key_and_never_shows(
+    tmp_path: Path, debug_logs: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``head -c 32 /dev/urandom > key`` makes a valid key: the file's exact bytes
+    (a trailing newline byte included: the file is not text)."""
+    key_file = tmp_path / "signing.key"
+    key_file.write_bytes(BINARY_KEY)
+    options = Options(intraprocess=True, signing_key_file=key_file)
+    assert options.resolve_signing_key() == BINARY_KEY
+    with Context(options) as ctx:
+        full_round(ctx, "/secret/binary", "/secret/binary-svc")
+        texts = [*object_texts(options=options, context=ctx, sender=ctx.sender)]
+    random_key = tmp_path / "urandom.key"
+    random_key.write_bytes(b"\xff" + os.urandom(31))  # \xff: never valid UTF-8
+    assert Options(intraprocess=True, signing_key_file=random_key).resolve_signing_key() == (
+        random_key.read_bytes()
+    )
+    out, err = capfd.readouterr()
+    texts += [*record_texts(debug_logs.records), ("stdout", out), ("stderr", err)]
+    assert debug_logs.records
+    assert scan(texts, _binary_forms()) == []
+
+
+@pytest.mark.parametrize(
+    "content", ["text-key-0123456789\n", "text-key-0123456789\r\n", "  text-key-0123456789  \n"]
+)
+def test_a_text_key_file_is_stripped_as_before(tmp_path: Path, content: str) -> None:
+    """``echo key > file`` keeps working: a UTF-8 text file loses the white space
+    around it, and gives the same key as ``signing-key: key``."""
+    key_file = tmp_path / "signing.key"
+    key_file.write_bytes(content.encode())
+    from_file = Options(intraprocess=True, signing_key_file=key_file).resolve_signing_key()
+    inline = Options(intraprocess=True, signing_key="text-key-0123456789").resolve_signing_key()
+    assert from_file == inline == b"text-key-0123456789"
+    key_file.write_text("schlüssel-ünïcode-ключ\n", encoding="utf-8")
+    assert Options(intraprocess=True, signing_key_file=key_file).resolve_signing_key() == (
+        "schlüssel-ünïcode-ключ".encode()
+    )
+
+
+SHORT_KEY = "Sh0rt-Key-15byt"  # 15 bytes
+
+
+@pytest.mark.parametrize(
+    ("source", "value"),
+    [
+        ("email.signing-key", SHORT_KEY),
+        ("email.signing-key", ""),
+        ("email.signing-key-file", SHORT_KEY + "\n"),
+        ("email.signing-key-file", ""),
+        ("email.signing-key-file", "   \n"),
+        ("email.signing-key-file", b"\xff" * 15),
+        ("$EMAILMW_SIGNING_KEY", SHORT_KEY),
+        ("$EMAILMW_SIGNING_KEY", ""),
+    ],
+)
+def test_an_empty_or_short_signing_key_is_a_config_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    debug_logs: pytest.LogCaptureFixture,
+    source: str,
+    value: str | bytes,
+) -> None:
+    """An empty HMAC key lets anyone sign: under 16 bytes is refused, from any source,
+    at init() before anything connects, without quoting the key."""
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+    kwargs: dict[str, Any] = {"intraprocess": True}
+    if source == "email.signing-key":
+        kwargs["signing_key"] = value
+    elif source == "email.signing-key-file":
+        key_file = tmp_path / "short.key"
+        key_file.write_bytes(value if isinstance(value, bytes) else value.encode())
+        kwargs["signing_key_file"] = key_file
+    else:
+        assert isinstance(value, str)
+        monkeypatch.setenv(SIGNING_KEY_ENV, value)
+    options = Options(**kwargs)
+    with pytest.raises(ConfigError) as info:
+        Context(options).init()
+    assert info.value.key == source
+    assert source in str(info.value)
+    texts = [*exception_texts(info.value, frames=True), *record_texts(debug_logs.records)]
+    assert scan(texts, {"short key": encodings(SHORT_KEY)}) == []
+
+
+def test_sixteen_bytes_is_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIGNING_KEY_ENV, "k" * 16)
+    assert Options(intraprocess=True).resolve_signing_key() == b"k" * 16
+
+
+def test_a_binary_signing_key_in_the_environment_is_a_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # os.environ carries undecodable bytes as lone surrogates; the key is the bytes
+    monkeypatch.setenv(SIGNING_KEY_ENV, os.fsdecode(BINARY_KEY.rstrip(b"\n").replace(b"\0", b"")))
+    expected = BINARY_KEY.rstrip(b"\n").replace(b"\0", b"")
+    assert Options(intraprocess=True).resolve_signing_key() == expected
+
+
+def _user_options(**email: Any) -> Options:
+    return Options(
+        user={"url-smtp": "smtp://127.0.0.1:1", "url-imap": "imap://127.0.0.1:1", "username": "u"},
+        **email,
+    )
+
+
+def test_a_password_file_that_is_not_utf8_is_a_config_error_naming_the_file(
+    tmp_path: Path, debug_logs: pytest.LogCaptureFixture
+) -> None:
+    password_file = tmp_path / "password.bin"
+    password_file.write_bytes(BINARY_PASSWORD)
+    options = _user_options(password_file=password_file)
+    with pytest.raises(ConfigError) as info:
+        options.resolve_password()
+    assert info.value.key == "email.password-file"
+    assert str(password_file) in str(info.value)
+    assert "not UTF-8" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    texts = [*exception_texts(info.value, frames=True), *record_texts(debug_logs.records)]
+    texts += object_texts(options=options)
+    assert scan(texts, _binary_forms()) == []
+
+
+def test_a_password_in_the_environment_that_is_not_utf8_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, os.fsdecode(BINARY_PASSWORD.replace(b"\0", b"")))
+    with pytest.raises(ConfigError) as info:
+        _user_options().resolve_password()
+    assert info.value.key == "$EMAILMW_PASSWORD"
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    forms = {
+        "password": encodings(BINARY_PASSWORD.replace(b"\0", b"")),
+        "core": {"plain": "pw-Binary-Core-Zq9Lk"},
+    }
+    assert scan(exception_texts(info.value, frames=True), forms) == []
+
+
+def test_an_oversized_secret_file_is_refused(tmp_path: Path) -> None:
+    """A secret is a few bytes: a 1 MiB file (or /dev/zero) is a mistake, not read whole."""
+    big = tmp_path / "big"
+    big.write_bytes(b"k" * (1 << 20))
+    with pytest.raises(ConfigError, match="signing-key-file"):
+        Options(intraprocess=True, signing_key_file=big).resolve_signing_key()
+    with pytest.raises(ConfigError, match="password-file"):
+        _user_options(password_file=Path("/dev/zero")).resolve_password()
+
+
+@pytest.mark.mailstack
+def test_a_non_utf8_password_file_fails_init_cleanly_against_the_servers(
+    dev_server: DevServer, tmp_path: Path, debug_logs: pytest.LogCaptureFixture
+) -> None:
+    """Through the real SMTP login and IMAP login: a ConfigError naming the file,
+    which carries nothing of the file, and no log line that does."""
+    password_file = tmp_path / "password.bin"
+    password_file.write_bytes(BINARY_PASSWORD)
+    config = dev_server.config("alice")
+    del config["email"]["user"]["password"]
+    config["email"]["password-file"] = str(password_file)
+    options = Options.from_dict(config)
+    with pytest.raises(ConfigError) as info:
+        Context(options).init()
+    texts = [*exception_texts(info.value, frames=True)]
+    from emailmw.transport.imap import ImapEmailReceiver
+
+    receiver = ImapEmailReceiver(options)
+    try:
+        with pytest.raises(ConfigError) as imap_info:
+            receiver.connect()
+    finally:
+        receiver.close()
+    for error in (info.value, imap_info.value):
+        assert error.key == "email.password-file"
+        assert str(password_file) in str(error)
+    texts += [*exception_texts(imap_info.value, frames=True), *record_texts(debug_logs.records)]
+    assert scan(texts, _binary_forms()) == []

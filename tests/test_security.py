@@ -17,10 +17,12 @@ by a patched ``socket.getaddrinfo``.
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ from emailmw.transport.smtp import SmtpEmailSender
 pytestmark = [pytest.mark.timeout(120)]
 
 KEY = b"correct horse battery staple 0123456789"
-WRONG_KEY = b"not the key"
+WRONG_KEY = b"not the key, but long enough"
 HOUR_NS = 3600 * 10**9
 
 
@@ -96,6 +98,14 @@ def signed_email(
     if key is not None:
         sign_email(email, key)
     return email
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """For counters, which no emailmw wait covers: checks every 10 ms."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def raw_signed(topic: str, body: str, key: bytes | None, **kw: Any) -> bytes:
@@ -160,10 +170,10 @@ def test_signing_key_sources_and_precedence(
 ) -> None:
     monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
     assert Options(intraprocess=True).resolve_signing_key() is None
-    monkeypatch.setenv(SIGNING_KEY_ENV, "from-env")
-    assert Options(intraprocess=True).resolve_signing_key() == b"from-env"
+    monkeypatch.setenv(SIGNING_KEY_ENV, "from-env-0123456789")
+    assert Options(intraprocess=True).resolve_signing_key() == b"from-env-0123456789"
     key_file = tmp_path / "key.txt"
-    key_file.write_text("  from-file\n", encoding="utf-8")
+    key_file.write_text("  from-file-0123456789\n", encoding="utf-8")
     config = tmp_path / "email.yml"
     config.write_text(
         "email:\n  intraprocess: true\n  signing-key-file: key.txt\n  max-age: 60\n"
@@ -171,13 +181,17 @@ def test_signing_key_sources_and_precedence(
         encoding="utf-8",
     )
     options = Options.from_file(config)
-    assert options.resolve_signing_key() == b"from-file"  # relative to the config file
+    assert options.resolve_signing_key() == b"from-file-0123456789"  # relative to the config file
     assert options.max_age == 60
     assert options.allowed_senders == ["bob@example.test"]
-    inline = Options.from_dict({"email": {"intraprocess": True, "signing-key": "inline-key"}})
-    assert inline.resolve_signing_key() == b"inline-key"
-    both = Options(intraprocess=True, signing_key="inline-key", signing_key_file=key_file)
-    assert both.resolve_signing_key() == b"inline-key"
+    inline = Options.from_dict(
+        {"email": {"intraprocess": True, "signing-key": "inline-key-0123456789"}}
+    )
+    assert inline.resolve_signing_key() == b"inline-key-0123456789"
+    both = Options(
+        intraprocess=True, signing_key="inline-key-0123456789", signing_key_file=key_file
+    )
+    assert both.resolve_signing_key() == b"inline-key-0123456789"
 
 
 def test_unreadable_signing_key_file_is_a_config_error(tmp_path: Path) -> None:
@@ -309,18 +323,176 @@ def test_a_refused_forgery_does_not_burn_the_genuine_message_id() -> None:
     assert policy.check(genuine) is None
 
 
-def test_replays_are_refused_even_after_the_id_memory_overflows(
-    monkeypatch: pytest.MonkeyPatch,
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def ns(self, offset: float = 0.0) -> int:
+        """The clock, plus ``offset`` seconds, in nanoseconds (a Source-Timestamp)."""
+        return int((self.now + offset) * 10**9)
+
+
+class Stream:
+    """Signed emails with fresh Message-IDs, built fast (one email re-stamped and
+    re-signed: the policy keeps only a digest of each Message-ID)."""
+
+    def __init__(self) -> None:
+        self.email = signed_email("/stream", "x", KEY)
+        self.count = 0
+
+    def next(self, timestamp_ns: int) -> EmailData:
+        self.count += 1
+        self.email.message_id = f"<{self.count}.{time.time_ns()}@example.test>"
+        self.email.headers["Source-Timestamp"] = str(timestamp_ns)
+        sign_email(self.email, KEY)
+        return self.email
+
+
+@pytest.mark.timeout(300)
+def test_fresh_mail_is_never_refused_once_the_old_memory_size_is_exceeded() -> None:
+    """One sender 2 minutes fast (inside the allowed skew) among correct clocks, at
+    500 emails/s for longer than the former 200 000-id memory spanned (~400 s):
+    every fresh email is accepted, and so is a genuine email delayed 10 minutes."""
+    clock = FakeClock()
+    policy = AdmissionPolicy(KEY, max_age=3600, clock=clock)
+    stream = Stream()
+    refused = []
+    accepted_ids = []
+    for index in range(250_000):
+        clock.now += 0.002
+        fast = index % 5 == 0
+        email = stream.next(clock.ns(120.0 if fast else 0.0))
+        reason = policy.check(email)
+        if reason is not None:
+            refused.append((index, fast, reason))
+        elif index % 1000 == 0:
+            accepted_ids.append(email.message_id)
+    assert refused == []
+    assert policy.remembered == 250_000  # nothing older than max-age yet: all remembered
+    delayed = signed_email("/t", "delayed", KEY, timestamp_ns=clock.ns(-600.0))
+    assert policy.check(delayed) is None
+    assert policy.check(signed_email("/t", "fresh", KEY, timestamp_ns=clock.ns())) is None
+    # and every sampled accepted email replayed now is refused
+    replay = signed_email("/t", "x", KEY)
+    for message_id in accepted_ids:
+        replay.message_id = message_id
+        sign_email(replay, KEY)
+        assert policy.check(replay) is DropReason.REPLAY
+
+
+def test_a_genuine_email_delayed_10_minutes_is_accepted() -> None:
+    clock = FakeClock()
+    policy = AdmissionPolicy(KEY, max_age=3600, clock=clock)
+    stream = Stream()
+    for _ in range(1000):
+        clock.now += 1.0
+        assert policy.check(stream.next(clock.ns())) is None
+    delayed = signed_email("/t", "late", KEY, timestamp_ns=clock.ns(-600.0))
+    assert policy.check(delayed) is None
+    assert policy.check(delayed) is DropReason.REPLAY
+
+
+def test_a_replay_of_any_accepted_email_inside_max_age_is_refused() -> None:
+    """Emails stamped anywhere in the accepted range (max-age old to MAX_CLOCK_SKEW
+    ahead) over many memory slices; each one replayed at random later times, up to
+    and past the moment it is forgotten, is always refused."""
+    rng = random.Random(8)
+    max_age = 600.0
+    clock = FakeClock()
+    policy = AdmissionPolicy(KEY, max_age=max_age, clock=clock)
+    accepted: list[tuple[str, int]] = []
+    replays = 0
+    for _ in range(3000):
+        clock.now += rng.uniform(0.0, 2.0)
+        offset = rng.uniform(-max_age + 0.001, MAX_CLOCK_SKEW - 0.001)
+        email = signed_email("/t", "x", KEY, timestamp_ns=clock.ns(offset))
+        assert policy.check(email) is None
+        accepted.append((email.message_id, int(email.headers["Source-Timestamp"])))
+        for message_id, stamp in rng.sample(accepted, min(3, len(accepted))):
+            again = signed_email("/t", "x", KEY, message_id=message_id, timestamp_ns=stamp)
+            assert policy.check(again) is DropReason.REPLAY
+            replays += 1
+    assert replays > 8000
+    # the newest email, stamped as far ahead as allowed: refused right up to the
+    # moment it ages out, and after
+    newest = signed_email("/t", "x", KEY, timestamp_ns=clock.ns(MAX_CLOCK_SKEW - 0.001))
+    assert policy.check(newest) is None
+    stamp_s = int(newest.headers["Source-Timestamp"]) / 1e9
+    for at in (stamp_s + max_age - 1.0, stamp_s + max_age - 0.01, stamp_s + max_age + 0.01):
+        clock.now = at
+        assert policy.check(newest) is DropReason.REPLAY
+    clock.now += max_age * 3  # long after: everything is forgotten, and too old anyway
+    assert policy.check(signed_email("/t", "x", KEY, timestamp_ns=clock.ns())) is None
+    assert policy.remembered == 1
+    for message_id, stamp in accepted[-50:]:
+        again = signed_email("/t", "x", KEY, message_id=message_id, timestamp_ns=stamp)
+        assert policy.check(again) is DropReason.REPLAY
+
+
+def test_the_replay_memory_stays_bounded_and_refuses_new_mail_when_full(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The replay memory is bounded (REPLAY_WINDOW ids); a Message-ID pushed out of it
-    while still younger than max-age must not become acceptable again."""
-    monkeypatch.setattr(security_module, "REPLAY_WINDOW", 3)
-    policy = AdmissionPolicy(KEY, max_age=3600)
-    first = signed_email("/t", "first", KEY)
-    assert policy.check(first) is None
-    for index in range(5):
-        assert policy.check(signed_email("/t", f"later {index}", KEY)) is None
-    assert policy.check(first) is DropReason.REPLAY
+    caplog.set_level(logging.WARNING, logger="emailmw.security")
+    clock = FakeClock()
+    policy = AdmissionPolicy(KEY, max_age=60, capacity=1000, clock=clock)
+    stream = Stream()
+    accepted = []
+    outcomes: dict[DropReason | None, int] = {}
+    for _ in range(5000):
+        clock.now += 0.001
+        email = stream.next(clock.ns())
+        reason = policy.check(email)
+        outcomes[reason] = outcomes.get(reason, 0) + 1
+        if reason is None:
+            accepted.append(email.message_id)
+        assert policy.remembered <= 1000
+    assert outcomes == {None: 1000, DropReason.REPLAY_MEMORY_FULL: 4000}
+    full = [r for r in caplog.records if "replay memory is full" in r.getMessage()]
+    assert len(full) == 1 and full[0].levelno == logging.WARNING  # not one line per email
+    # a replay of a remembered id is still a replay, full or not
+    replay = signed_email("/t", "x", KEY, message_id=accepted[0], timestamp_ns=clock.ns())
+    assert policy.check(replay) is DropReason.REPLAY
+    # once the oldest ids are older than max-age (+ skew, + one slice), they go, and
+    # new mail is accepted again
+    clock.now += 60 + MAX_CLOCK_SKEW + (60 + MAX_CLOCK_SKEW) / 16 + 1
+    assert policy.check(stream.next(clock.ns())) is None
+    assert policy.remembered == 1
+    room = [r for r in caplog.records if "has room again" in r.getMessage()]
+    assert len(room) == 1 and "4000" in room[0].getMessage()
+
+
+def test_a_steady_stream_keeps_the_memory_at_rate_times_max_age() -> None:
+    """100 emails/s for 20 minutes with max-age 60 s: the memory holds about
+    100 x (60 + 300) ids, never the whole stream."""
+    clock = FakeClock()
+    policy = AdmissionPolicy(KEY, max_age=60, clock=clock)
+    stream = Stream()
+    peak = 0
+    for _ in range(120_000):
+        clock.now += 0.01
+        assert policy.check(stream.next(clock.ns())) is None
+        peak = max(peak, policy.remembered)
+    retention = 60 + MAX_CLOCK_SKEW
+    assert 100 * retention <= peak <= 100 * (retention + 2 * retention / 16) + 1
+    assert policy.remembered <= peak
+
+
+def test_a_full_replay_memory_is_counted_by_the_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(security_module, "REPLAY_MEMORY_CAPACITY", 2)
+    with Context(Options(intraprocess=True, signing_key=KEY.decode())) as ctx:
+        sub = Subscription("/full", context=ctx)
+        pub = Publisher("/full", context=ctx)
+        for body in ("one", "two", "three"):
+            pub.publish(body)
+        assert wait_for_message(sub, timeout=10.0) == "one"
+        assert wait_for_message(sub, timeout=10.0) == "two"
+        wait_until(lambda: ctx.stats().dropped["replay_memory_full"] == 1)
+        assert sub.get_message() is None
 
 
 @pytest.mark.parametrize(

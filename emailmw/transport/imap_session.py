@@ -460,6 +460,9 @@ def open_session(
                 client.shutdown()
         if isinstance(exc, TransportError) or not isinstance(exc, Exception):
             raise
-        if isinstance(exc, UnicodeError):  # never chain: it holds the credentials
-            raise ImapError(f"{server}: cannot encode the credentials", server=server) from None
-        raise _connect_error(exc, server, stage, options.timeout) from exc
+        if not isinstance(exc, UnicodeError):
+            raise _connect_error(exc, server, stage, options.timeout) from exc
+    # A UnicodeError holds the credentials: raised here, after its handler, the
+    # ImapError has neither a cause nor a __context__ that could show them.
+    del password  # the traceback keeps this frame's variables
+    raise ImapError(f"{server}: cannot encode the credentials", server=server)

@@ -552,17 +552,16 @@ class SmtpEmailSender(EmailSender):
             )
         offered = conn.esmtp_features.get("auth", "").upper().split()
         _set_timeout(conn, remaining())
+        # A UnicodeError holds the credentials: the AuthenticationError is raised after
+        # its handler has ended, so that it is neither its cause nor its __context__.
+        unencodable = ""
         for mechanism in _AUTH_PREFERENCE:
             if mechanism in offered:
                 conn.user, conn.password = username, password
                 try:
                     conn.auth(mechanism, getattr(conn, f"auth_{mechanism.lower()}"))
-                except UnicodeError:  # never chain it: it holds the credentials
-                    raise AuthenticationError(
-                        f"{self._label}: cannot send a non-ASCII username or password "
-                        f"with AUTH {mechanism}",
-                        server=self._server,
-                    ) from None
+                except UnicodeError:
+                    unencodable = f" with AUTH {mechanism}"
                 finally:
                     conn.password = ""
                 break
@@ -570,10 +569,13 @@ class SmtpEmailSender(EmailSender):
             try:
                 conn.login(username, password)
             except UnicodeError:
-                raise AuthenticationError(
-                    f"{self._label}: cannot send a non-ASCII username or password",
-                    server=self._server,
-                ) from None
+                unencodable = " "
+        if unencodable:
+            del password  # the traceback keeps this frame's variables
+            raise AuthenticationError(
+                f"{self._label}: cannot send a non-ASCII username or password{unencodable}".strip(),
+                server=self._server,
+            )
         self._authenticated = True
 
     def _ehlo_name(self, sock: socket.socket | None) -> str:
