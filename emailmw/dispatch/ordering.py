@@ -15,15 +15,22 @@ message is released once the exact predecessor it names (number and
 * **Learned from everything seen.** The caller reports every numbered message
   it sees, whether a subscription wants it or not (``item=None``), so a
   subscription made later never waits for a message that went by before it.
-* **Where a stream starts.** The first message seen of a stream waits for its
-  predecessor only if that predecessor was published after the *horizon*: the
-  moment the receiver took its start position (or, for streams forgotten under
-  the stream bound, the newest publish time among them). A message published
-  before the horizon could not be received, so it is never waited for.
+* **Where a stream starts.** A message waits for its predecessor only if that
+  predecessor was published after the *horizon*: the moment the receiver took
+  its start position (or, for streams forgotten under the stream bound, the
+  newest publish time among them), as it was when the stream was first seen.
+  A message published before the horizon could not be received, so it is
+  never waited for, whichever of its successors arrives first. Until a stream
+  has released anything, a message that does not say when its predecessor was
+  published does not wait either.
 * **Held at most a window.** A message whose predecessor is missing is held
   until the predecessor comes, or until its stream has released nothing for
   ``window`` seconds (each release restarts the window); then everything the
   stream holds is released in number order and the chain continues from there.
+  A message that comes after its gap was given up is released when it comes if
+  its predecessor was released recently, or is older than every number its
+  stream remembers (the chain went past it long ago, as after a gap of more
+  than :data:`RECENT_NUMBERS` messages was given up).
 * **Forgery cannot take a stream over.** Nothing jumps ahead, and a link
   carries a nanosecond timestamp that a forger would have to guess. An email
   that forges a live publisher's GID with a huge number is held (its
@@ -81,6 +88,7 @@ class _Held(Generic[T]):
 @dataclass(slots=True)
 class _Stream(Generic[T]):
     topic: str
+    horizon_ns: int  # the order's horizon when this stream was first seen
     last: Link = (-1, None)  # the last link released (the usual predecessor)
     last_ns: int = 0  # when the newest released message was published
     recent: OrderedDict[tuple[int, int], None] = field(default_factory=OrderedDict)
@@ -95,6 +103,12 @@ class _Stream(Generic[T]):
         if stamp is None:
             return number in self.recent_numbers
         return (number, stamp) in self.recent
+
+    def forgotten(self, number: int) -> bool:
+        """Whether ``number`` is older than every number this stream remembers: its
+        chain went past it long ago (released, or given up), so it is not waited for."""
+        numbers = self.recent_numbers
+        return len(self.recent) >= RECENT_NUMBERS and number < min(numbers)
 
 
 class PublicationOrder(Generic[T]):
@@ -158,11 +172,15 @@ class PublicationOrder(Generic[T]):
         stream = self._streams.get(key)
         if stream is None:
             self._make_room()
-            stream = self._streams[key] = _Stream(topic)
-            if previous_ns is None or previous_ns < self._horizon_ns:
-                previous = (0, None)  # published before we could see it: not waited for
+            stream = self._streams[key] = _Stream(topic, self._horizon_ns)
         else:
             self._streams.move_to_end(key)
+        if (previous_ns is None and stream.last[0] < 0) or (
+            previous_ns is not None and previous_ns < stream.horizon_ns
+        ):
+            # Published before we could see it (or, while the stream has released
+            # nothing yet, at an unknown time): not waited for.
+            previous = (0, None)
         if link in stream.recent or link in stream.held:
             # The same message again (another copy): as it comes, chain untouched.
             return [] if item is None else [item]
@@ -171,6 +189,7 @@ class PublicationOrder(Generic[T]):
             and previous[0] != 0
             and previous != stream.last
             and not stream.released(previous)
+            and not stream.forgotten(previous[0])
         ):
             self._hold(key, stream, _Held(link, previous, item))
             return []
