@@ -46,7 +46,7 @@ def check_config(config: str | None, out: TextIO) -> int:
     assert options.user is not None
     out.write(f"config:  {path}\n")
     out.write(f"account: {options.user.username}\n")
-    sender = SmtpEmailSender(options, StatsCounters())
+    sender = SmtpEmailSender(options.smtp_settings(), StatsCounters())
     try:
         sender.connect()
         out.write(f"SMTP     {options.user.smtp}: OK\n")
@@ -54,7 +54,7 @@ def check_config(config: str | None, out: TextIO) -> int:
             out.write(f"  {key}: {_describe(value)}\n")
     finally:
         sender.close()
-    receiver = ImapEmailReceiver(options, StatsCounters())
+    receiver = ImapEmailReceiver(options.imap_settings(), StatsCounters())
     try:
         receiver.connect()
         out.write(f"IMAP     {options.user.imap}: OK (mailbox {options.mailbox!r})\n")
@@ -77,7 +77,7 @@ def send_raw(config: str | None, file: str | None, out: TextIO) -> int:
     else:
         with open(file, "rb") as stream:
             raw = stream.read()
-    sender = SmtpEmailSender(options, StatsCounters())
+    sender = SmtpEmailSender(options.smtp_settings(), StatsCounters())
     try:
         sender.connect()
         sender.send_raw(raw)
@@ -92,7 +92,7 @@ def receive_raw(config: str | None, count: int, timeout: float | None, out: Text
     from emailmw.transport.imap import ImapEmailReceiver
 
     options = _options(config)
-    receiver = ImapEmailReceiver(options, StatsCounters())
+    receiver = ImapEmailReceiver(options.imap_settings(), StatsCounters())
     deadline = Deadline(timeout)
     received = 0
     receiver.connect()

@@ -21,8 +21,9 @@ from emailmw.errors import ContextError
 from emailmw.options import Options
 from emailmw.security import AdmissionPolicy
 from emailmw.stats import Stats, StatsCounters
-from emailmw.transport import EmailReceiver, EmailSender, create_transport
+from emailmw.transport import EmailReceiver, EmailSender, IntraEmailReceiver, IntraEmailSender
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
+from emailmw.transport.signing import SigningSender
 from emailmw.waitable import Waitable, Waiter
 
 __all__ = ["Context", "ContextState", "get_global_context", "init", "shutdown", "stats"]
@@ -40,6 +41,20 @@ class ContextState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     SHUT_DOWN = "shut down"
+
+
+def _create_transport(options: Options, stats: StatsCounters) -> tuple[EmailSender, EmailReceiver]:
+    """The sender and receiver that ``options`` asks for (not yet connected)."""
+    if options.intraprocess:
+        receiver = IntraEmailReceiver()
+        return IntraEmailSender(receiver, stats=stats), receiver
+    from emailmw.transport.imap import ImapEmailReceiver
+    from emailmw.transport.smtp import SmtpEmailSender
+
+    return (
+        SmtpEmailSender(options.smtp_settings(), stats),
+        ImapEmailReceiver(options.imap_settings(), stats),
+    )
 
 
 def _resolve_options(options: OptionsLike) -> Options:
@@ -88,8 +103,11 @@ class Context:
         with self._lock:
             if self._state is not ContextState.CREATED:
                 raise ContextError(f"cannot init a context that is {self._state.value}")
-            key = self._options.resolve_signing_key()  # a ConfigError before any connection
-            sender, receiver = create_transport(self._options, self._stats)
+            # configuration errors (a ConfigError) come before any connection
+            key = self._options.resolve_signing_key()
+            if not self._options.intraprocess:
+                self._options.resolve_password()
+            sender, receiver = _create_transport(self._options, self._stats)
             self._sender, self._receiver = sender, receiver
             self._state = ContextState.STARTING
         try:
@@ -103,7 +121,9 @@ class Context:
             if aborted:
                 raise ContextError("context was shut down while connecting") from None
             raise
-        sender.set_signing_key(key)
+        if key is not None:
+            sender = SigningSender(sender, key)
+            self._sender = sender
         admission = AdmissionPolicy(
             key, max_age=self._options.max_age, allowed_senders=self._options.allowed_senders
         )

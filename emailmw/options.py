@@ -25,10 +25,8 @@ import logging
 import os
 import re
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -42,6 +40,14 @@ from pydantic import (
 )
 
 from emailmw.errors import ConfigError
+from emailmw.transport.data import EmailRecipients
+from emailmw.transport.settings import (
+    ImapSettings,
+    ServerAddress,
+    SmtpSettings,
+    TlsSettings,
+    parse_server_url,
+)
 
 __all__ = [
     "CONFIG_FILE_ENV",
@@ -75,64 +81,6 @@ _MAX_MAX_AGE = 365 * 24 * 3600.0  # one year
 MIN_SIGNING_KEY_BYTES = 16
 #: Secret files larger than this are refused (a key or password is a few bytes).
 _MAX_SECRET_FILE = 64 * 1024
-
-_DEFAULT_PORTS = {
-    "imap": (143, "starttls"),
-    "imaps": (993, "implicit"),
-    "smtp": (587, "starttls"),
-    "smtps": (465, "implicit"),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class ServerAddress:
-    """Where a server is and how to speak TLS to it.
-
-    ``tls`` is ``"implicit"`` (TLS from the first byte) or ``"starttls"``
-    (upgrade when the server offers it).
-    """
-
-    scheme: str
-    host: str
-    port: int
-    tls: Literal["implicit", "starttls"]
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-
-def parse_server_url(url: str, protocol: Literal["imap", "smtp"]) -> ServerAddress:
-    """Parse ``imap[s]://host[:port]``, ``smtp[s]://host[:port]`` or a bare host.
-
-    A bare host (the reference format) means implicit TLS on 993 or 465.
-    Raises :class:`ValueError` with a readable message.
-    """
-    text = url.strip()
-    if not text:
-        raise ValueError("empty server URL")
-    if "://" not in text:
-        text = f"{protocol}s://{text}"
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in (protocol, protocol + "s"):
-        raise ValueError(f"scheme must be {protocol}:// or {protocol}s://, got {parts.scheme}://")
-    if parts.username or parts.password:
-        raise ValueError("put credentials in user.username/user.password, not in the URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"unexpected path or query in server URL {url!r}")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"no host in server URL {url!r}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in server URL {url!r}") from exc
-    if port == 0:
-        raise ValueError(f"port 0 in server URL {url!r}")
-    default_port, tls = _DEFAULT_PORTS[scheme]
-    return ServerAddress(scheme, host, port or default_port, tls)  # type: ignore[arg-type]
-
 
 #: The local part of an address: RFC 5322 ``dot-atom`` characters (no quoted local parts).
 _ADDRESS_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
@@ -408,6 +356,50 @@ class Options(_Model):
                 key=key,
             )
         return value
+
+    # -- what each transport gets ------------------------------------------------------
+
+    def smtp_settings(self) -> SmtpSettings:
+        """The settings of the SMTP sender (requires ``user``)."""
+        user = self._require_user()
+        return SmtpSettings(
+            server=user.smtp,
+            username=user.username,
+            password=self.resolve_password,
+            from_address=self.from_address,
+            recipients=EmailRecipients(
+                to=list(self.recipients.to),
+                cc=list(self.recipients.cc),
+                bcc=list(self.recipients.bcc),
+            ),
+            tls=self._tls_settings(),
+            timeout=self.timeout,
+            send_timeout=self.send_timeout,
+            max_message_size=self.max_message_size,
+        )
+
+    def imap_settings(self) -> ImapSettings:
+        """The settings of the IMAP receiver (requires ``user``)."""
+        user = self._require_user()
+        return ImapSettings(
+            server=user.imap,
+            username=user.username,
+            password=self.resolve_password,
+            mailbox=self.mailbox,
+            receive_mode=self.receive_mode,
+            polling_period=self.polling_period / 1e9,
+            tls=self._tls_settings(),
+            timeout=self.timeout,
+            max_message_size=self.max_message_size,
+        )
+
+    def _tls_settings(self) -> TlsSettings:
+        return TlsSettings(self.tls.ca_file, self.tls.verify, self.tls.allow_insecure)
+
+    def _require_user(self) -> UserOptions:
+        if self.user is None:
+            raise ConfigError("email.user: field required for SMTP/IMAP", key="email.user")
+        return self.user
 
     # -- loading -----------------------------------------------------------------
 

@@ -2,18 +2,12 @@
 
 Signing
     With a key configured (``email.signing-key``, ``email.signing-key-file`` or
-    ``$EMAILMW_SIGNING_KEY``), every message, request and response carries an
-    ``Emailmw-Signature`` header::
-
-        Emailmw-Signature: v1 hmac-sha256 <base64 of the MAC>
-
-    The MAC is HMAC-SHA256 over an unambiguous encoding (each field as its
-    UTF-8 length, a colon, the bytes, a comma) of: the subject (topic or
-    service name), the body, the metadata headers (``Source-Timestamp``,
-    ``Publisher-GID``, ``Client-GID``, ``Request-Sequence-Number``,
-    ``Publication-Number``, ``Previous-Timestamp``; empty when absent),
-    ``Message-ID`` and ``In-Reply-To``. Changing any of them, or
-    moving a field's bytes into another, breaks the signature.
+    ``$EMAILMW_SIGNING_KEY``), the context wraps its sender in a
+    :class:`~emailmw.transport.signing.SigningSender`: every message, request
+    and response carries an ``Emailmw-Signature`` header (what it covers is
+    described in :mod:`emailmw.transport.signing`, which this module
+    re-exports: :func:`compute_signature`, :func:`sign_email`,
+    :func:`verify_signature`).
 
 Admission (:class:`AdmissionPolicy`), applied to every received email before
 it is dispatched:
@@ -31,9 +25,6 @@ it is dispatched:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
 import os
 import threading
@@ -43,22 +34,16 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
 from hashlib import blake2b
-from typing import TYPE_CHECKING
 
-from emailmw.info import (
-    HEADER_CLIENT_GID,
-    HEADER_PREVIOUS_NUMBER,
-    HEADER_PREVIOUS_TIMESTAMP,
-    HEADER_PUBLICATION_NUMBER,
-    HEADER_PUBLISHER_GID,
-    HEADER_SEQUENCE_NUMBER,
-    HEADER_SOURCE_TIMESTAMP,
-    Timestamp,
-)
+from emailmw.info import HEADER_SOURCE_TIMESTAMP, Timestamp
 from emailmw.stats import DropReason
-
-if TYPE_CHECKING:
-    from emailmw.transport.data import EmailData
+from emailmw.transport.data import EmailData
+from emailmw.transport.signing import (
+    SIGNATURE_HEADER,
+    compute_signature,
+    sign_email,
+    verify_signature,
+)
 
 __all__ = [
     "MAX_CLOCK_SKEW",
@@ -72,57 +57,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "Emailmw-Signature"
-_SCHEME = "v1 hmac-sha256 "
 #: Seconds a Source-Timestamp may lie in the future (clock skew between hosts).
 MAX_CLOCK_SKEW = 300.0
 #: The most Message-IDs one process remembers against replays (about 8 to 10 bytes
 #: each: see docs/security.md). While full, new signed emails are refused.
 REPLAY_MEMORY_CAPACITY = 2_000_000
 _FULL_LOG_EVERY = 60.0  # seconds between WARNINGs while the replay memory stays full
-_SIGNED_HEADERS = (
-    HEADER_SOURCE_TIMESTAMP,
-    HEADER_PUBLISHER_GID,
-    HEADER_CLIENT_GID,
-    HEADER_SEQUENCE_NUMBER,
-    HEADER_PUBLICATION_NUMBER,
-    HEADER_PREVIOUS_TIMESTAMP,
-    HEADER_PREVIOUS_NUMBER,
-)
-
-
-def _canonical(email: EmailData) -> bytes:
-    fields = [
-        email.content.subject,
-        email.content.body,
-        *(email.headers.get(name) or "" for name in _SIGNED_HEADERS),
-        email.message_id,
-        email.in_reply_to or "",
-    ]
-    parts = []
-    for field in fields:
-        data = field.encode("utf-8", "surrogatepass")
-        parts.append(b"%d:%s," % (len(data), data))
-    return b"".join(parts)
-
-
-def compute_signature(email: EmailData, key: bytes) -> str:
-    """The ``Emailmw-Signature`` value of ``email`` under ``key``."""
-    mac = hmac.new(key, _canonical(email), hashlib.sha256).digest()
-    return _SCHEME + base64.b64encode(mac).decode("ascii")
-
-
-def sign_email(email: EmailData, key: bytes) -> None:
-    """Add (or replace) the signature header. ``email.message_id`` must be final."""
-    email.headers[SIGNATURE_HEADER] = compute_signature(email, key)
-
-
-def verify_signature(email: EmailData, key: bytes) -> bool | None:
-    """``None`` if unsigned, else whether the signature is valid."""
-    value = email.headers.get(SIGNATURE_HEADER)
-    if value is None:
-        return None
-    return hmac.compare_digest(value.strip().encode(), compute_signature(email, key).encode())
 
 
 def _normalize_sender(entry: str) -> str:

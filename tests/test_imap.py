@@ -130,7 +130,9 @@ def make_receiver(dev_server: DevServer) -> Iterator[Factory]:
         for i in range(before):
             dev_server.append("alice", emailmw_raw(address, f"old {i}"), folder)
         stats = StatsCounters()
-        receiver = ImapEmailReceiver(options_for(dev_server, folder, **email), stats)
+        receiver = ImapEmailReceiver(
+            options_for(dev_server, folder, **email).imap_settings(), stats
+        )
         made.append(receiver)
         if connect:
             receiver.connect()
@@ -326,7 +328,9 @@ def test_dovecot_restart_mid_stream(own_server: DevServer) -> None:
     server = own_server
     folder, address = server.new_mailbox("alice")
     stats = StatsCounters()
-    receiver = ImapEmailReceiver(options_for(server, folder, receive_mode="auto"), stats)
+    receiver = ImapEmailReceiver(
+        options_for(server, folder, receive_mode="auto").imap_settings(), stats
+    )
     try:
         receiver.connect()
         got: list[EmailData] = []
@@ -362,7 +366,7 @@ def test_receive_keeps_its_timeout_while_the_server_is_down(
 ) -> None:
     server = own_server
     folder, address = server.new_mailbox("alice")
-    receiver = ImapEmailReceiver(options_for(server, folder, receive_mode="idle"))
+    receiver = ImapEmailReceiver(options_for(server, folder, receive_mode="idle").imap_settings())
     try:
         receiver.connect()
         server.stop_dovecot()
@@ -541,7 +545,9 @@ def bare_options(url: str, **email: Any) -> Options:
 
 @pytest.mark.parametrize("scheme", ["imap", "imaps"])
 def test_nothing_listening(scheme: str) -> None:
-    receiver = ImapEmailReceiver(bare_options(f"{scheme}://127.0.0.1:{free_port()}"))
+    receiver = ImapEmailReceiver(
+        bare_options(f"{scheme}://127.0.0.1:{free_port()}").imap_settings()
+    )
     try:
         with pytest.raises(ConnectError, match="refused") as info:
             receiver.connect()
@@ -556,7 +562,9 @@ def test_silent_server_times_out(scheme: str) -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        receiver = ImapEmailReceiver(bare_options(f"{scheme}://127.0.0.1:{port}", timeout=1.0))
+        receiver = ImapEmailReceiver(
+            bare_options(f"{scheme}://127.0.0.1:{port}", timeout=1.0).imap_settings()
+        )
         try:
             started = time.monotonic()
             with pytest.raises(ConnectError, match="no answer within 1 s"):
@@ -618,7 +626,9 @@ def test_plaintext_login_to_remote_host_is_refused(
     fake_server: FakeImapServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(imap_session, "is_loopback", lambda host: False)
-    receiver = ImapEmailReceiver(bare_options(f"imap://127.0.0.1:{fake_server.port}"))
+    receiver = ImapEmailReceiver(
+        bare_options(f"imap://127.0.0.1:{fake_server.port}").imap_settings()
+    )
     try:
         with pytest.raises(TlsError, match="STARTTLS"):
             receiver.connect()
@@ -633,7 +643,9 @@ def test_plaintext_login_when_allowed(
 ) -> None:
     monkeypatch.setattr(imap_session, "is_loopback", lambda host: False)
     receiver = ImapEmailReceiver(
-        bare_options(f"imap://127.0.0.1:{fake_server.port}", tls={"allow-insecure": True})
+        bare_options(
+            f"imap://127.0.0.1:{fake_server.port}", tls={"allow-insecure": True}
+        ).imap_settings()
     )
     try:
         with pytest.raises(AuthenticationError, match="AUTHENTICATIONFAILED"):

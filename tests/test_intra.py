@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from emailmw.transport import create_transport
+from emailmw.context import _create_transport
+from emailmw.stats import StatsCounters
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 from emailmw.transport.intra import INTRAPROCESS_ADDRESS, IntraEmailReceiver, IntraEmailSender
 from emailmw.transport.receiver import EmailReceiver
@@ -24,10 +25,10 @@ def pair() -> tuple[IntraEmailSender, IntraEmailReceiver]:
     return IntraEmailSender(receiver), receiver
 
 
-def test_create_transport_for_intraprocess() -> None:
+def test_the_context_assembles_an_intraprocess_transport() -> None:
     from emailmw import Options
 
-    sender, receiver = create_transport(Options(intraprocess=True))
+    sender, receiver = _create_transport(Options(intraprocess=True), StatsCounters())
     assert isinstance(sender, IntraEmailSender)
     assert isinstance(receiver, IntraEmailReceiver)
     assert isinstance(sender, EmailSender)

@@ -74,7 +74,7 @@ def counters(stats: StatsCounters) -> tuple[int, int, int]:
 
 
 def send(server: FakeSmtp, to: list[str], stats: StatsCounters, **email: Any) -> str:
-    smtp = SmtpEmailSender(fake_options(server.port, to, **email), stats)
+    smtp = SmtpEmailSender(fake_options(server.port, to, **email).smtp_settings(), stats)
     try:
         return smtp.send(EmailContent("/t", "body"), EmailHeaders(METADATA))
     finally:
@@ -208,7 +208,7 @@ def test_a_refused_reply_recipient_follows_the_same_rule(fake_smtp: FakeSmtp) ->
         content=EmailContent("/svc", "question"), message_id="<q1@example.test>", from_=B
     )
     stats = StatsCounters()
-    smtp = SmtpEmailSender(fake_options(fake_smtp.port, [A]), stats)
+    smtp = SmtpEmailSender(fake_options(fake_smtp.port, [A]).smtp_settings(), stats)
     try:
         fake_smtp.rcpt_replies = {B: ["421 4.7.0 slow down", "450 4.2.1 busy"]}
         reply_id = smtp.reply(EmailContent("/svc", "answer"), original, EmailHeaders(METADATA))
@@ -232,7 +232,9 @@ def test_closing_the_sender_during_a_recipient_retry_raises_the_refusal(
 ) -> None:
     fake_smtp.rcpt_replies = {B: "450 4.2.1 busy"}
     stats = StatsCounters()
-    smtp = SmtpEmailSender(fake_options(fake_smtp.port, [A, B], **{"send-timeout": 30}), stats)
+    smtp = SmtpEmailSender(
+        fake_options(fake_smtp.port, [A, B], **{"send-timeout": 30}).smtp_settings(), stats
+    )
     errors: list[BaseException] = []
 
     def publish() -> None:

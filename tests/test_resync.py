@@ -373,7 +373,7 @@ def test_a_resync_downloads_the_bodies_only_of_what_it_delivers(
     folder, address = dev_server.new_mailbox("alice")
     config = dev_server.config("alice", mailbox=folder, receive_mode="poll")
     stats = StatsCounters()
-    receiver = ImapEmailReceiver(Options.from_dict(config), stats)
+    receiver = ImapEmailReceiver(Options.from_dict(config).imap_settings(), stats)
     try:
         receiver.connect()
         started = time.time_ns()
@@ -451,7 +451,7 @@ def test_a_failed_listing_is_listed_one_by_one_and_nothing_is_skipped_unseen(
     """The server refuses the listing of a range: the receiver lists its UIDs one at a
     time; one it cannot list at all is kept for its body to be fetched, never skipped."""
     config = dev_server.config("alice", mailbox="INBOX", receive_mode="poll")
-    receiver = ImapEmailReceiver(Options.from_dict(config), StatsCounters())
+    receiver = ImapEmailReceiver(Options.from_dict(config).imap_settings(), StatsCounters())
     memory = HandledMemory()
     memory.start(time.time_ns())
     foreign = block("From: x@y", "Message-ID: <f@x>")

@@ -293,7 +293,7 @@ def test_a_round_over_the_mail_servers_shows_no_secret(
     texts += exception_texts(info.value)
     from emailmw.transport.imap import ImapEmailReceiver
 
-    receiver = ImapEmailReceiver(Options.from_dict(wrong))
+    receiver = ImapEmailReceiver(Options.from_dict(wrong).imap_settings())
     try:
         with pytest.raises(AuthenticationError) as imap_info:
             receiver.connect()
@@ -356,7 +356,7 @@ def test_a_binary_signing_key_file_is_a_key_and_never_shows(
     assert options.resolve_signing_key() == BINARY_KEY
     with Context(options) as ctx:
         full_round(ctx, "/secret/binary", "/secret/binary-svc")
-        texts = [*object_texts(options=options, context=ctx, sender=ctx.sender)]
+        texts = [*object_texts(options=options, context=ctx, sender=ctx._sender)]
     random_key = tmp_path / "urandom.key"
     random_key.write_bytes(b"\xff" + os.urandom(31))  # \xff: never valid UTF-8
     assert Options(intraprocess=True, signing_key_file=random_key).resolve_signing_key() == (
@@ -510,7 +510,7 @@ def test_a_non_utf8_password_file_fails_init_cleanly_against_the_servers(
     texts = [*exception_texts(info.value, frames=True)]
     from emailmw.transport.imap import ImapEmailReceiver
 
-    receiver = ImapEmailReceiver(options)
+    receiver = ImapEmailReceiver(options.imap_settings())
     try:
         with pytest.raises(ConfigError) as imap_info:
             receiver.connect()

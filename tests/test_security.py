@@ -60,6 +60,7 @@ from emailmw.security import (
 from emailmw.transport.codec import decode_email, encode_email, new_message_id
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.imap import ImapEmailReceiver
+from emailmw.transport.signing import SigningSender
 from emailmw.transport.smtp import SmtpEmailSender
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -842,11 +843,12 @@ def test_a_receiver_with_a_key_drops_mail_from_senders_without_one(
         dev_server, victim.folder, victim.address, **{"signing-key": WRONG_KEY.decode()}
     )
     for options in (plain, wrong):
-        sender = SmtpEmailSender(options)
+        plain_sender = SmtpEmailSender(options.smtp_settings())
+        key = options.resolve_signing_key()
+        sender = plain_sender if key is None else SigningSender(plain_sender, key)
         try:
             sender.connect()
             email = signed_email(topic, "not for you", None)
-            sender.set_signing_key(options.resolve_signing_key())
             sender.send(email.content, email.headers)
         finally:
             sender.close()
@@ -893,7 +895,9 @@ def test_allowed_senders_over_smtp(dev_server: DevServer, victim_factory: Any) -
     """Mail really sent by bob (his account, his From) passes; alice's is dropped."""
     victim: Victim = victim_factory(["/t"], **{"allowed-senders": "bob@example.test"})
     for account in ("alice", "bob"):
-        sender = SmtpEmailSender(Options.from_dict(dev_server.config(account, to=victim.address)))
+        sender = SmtpEmailSender(
+            Options.from_dict(dev_server.config(account, to=victim.address)).smtp_settings()
+        )
         try:
             email = signed_email("/t", f"from {account}", None)
             sender.send(email.content, email.headers)
@@ -917,7 +921,11 @@ def test_certificates_are_verified_by_default(dev_server: DevServer, tls: str, p
     del config["email"]["tls"]
     options = Options.from_dict(config)
     assert options.tls.verify is True
-    transport = SmtpEmailSender(options) if part == "smtp" else ImapEmailReceiver(options)
+    transport = (
+        SmtpEmailSender(options.smtp_settings())
+        if part == "smtp"
+        else ImapEmailReceiver(options.imap_settings())
+    )
     try:
         with pytest.raises(TlsError, match=r"certificate verify|verification"):
             transport.connect()
@@ -936,7 +944,11 @@ def test_host_names_are_verified(dev_server: DevServer, part: str) -> None:
     user["url-imap"] = f"imap://mail.example.test:{dev_server.imap_port}"
     options = Options.from_dict(config)
     with resolve_to_loopback("mail.example.test"):
-        transport = SmtpEmailSender(options) if part == "smtp" else ImapEmailReceiver(options)
+        transport = (
+            SmtpEmailSender(options.smtp_settings())
+            if part == "smtp"
+            else ImapEmailReceiver(options.imap_settings())
+        )
         try:
             with pytest.raises(TlsError, match=r"mail\.example\.test|[Hh]ostname|match"):
                 transport.connect()
@@ -974,7 +986,9 @@ def _fake_options(fake: FakeSmtp | FakeImap, host: str, **tls: Any) -> Options:
 
 def _connect(fake: FakeSmtp | FakeImap, options: Options) -> None:
     transport = (
-        SmtpEmailSender(options) if isinstance(fake, FakeSmtp) else ImapEmailReceiver(options)
+        SmtpEmailSender(options.smtp_settings())
+        if isinstance(fake, FakeSmtp)
+        else ImapEmailReceiver(options.imap_settings())
     )
     try:
         transport.connect()

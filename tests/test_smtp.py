@@ -34,6 +34,7 @@ from emailmw.stats import StatsCounters
 from emailmw.transport import smtp as smtp_module
 from emailmw.transport.codec import decode_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
+from emailmw.transport.signing import SigningSender
 from emailmw.transport.smtp import SmtpEmailSender
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.mailstack]
@@ -125,7 +126,7 @@ def collect(
 @contextlib.contextmanager
 def sender(options: Options, stats: StatsCounters | None = None) -> Iterator[SmtpEmailSender]:
     """A connected sender, closed afterwards."""
-    smtp = SmtpEmailSender(options, stats)
+    smtp = SmtpEmailSender(options.smtp_settings(), stats)
     try:
         smtp.connect()
         yield smtp
@@ -262,8 +263,8 @@ def test_signed_emails_verify_after_the_trip(dev_server: DevServer) -> None:
     options, folder, _ = mailbox_options(dev_server)
     key = b"shared signing key"
     headers = EmailHeaders(METADATA)
-    with sender(options) as smtp:
-        smtp.set_signing_key(key)
+    with sender(options) as plain:
+        smtp = SigningSender(plain, key)
         request_id = smtp.send(EmailContent("/signed", "line\r\nbody é"), headers)
         assert headers == EmailHeaders(METADATA)  # the caller's headers are left alone
         request = decode_all(stored_emails(dev_server, folder, 1))[request_id]
@@ -301,13 +302,13 @@ def test_probe_describes_the_server(dev_server: DevServer) -> None:
 
 
 def test_close_is_idempotent_and_final(dev_server: DevServer) -> None:
-    smtp = SmtpEmailSender(make_options(dev_server))
+    smtp = SmtpEmailSender(make_options(dev_server).smtp_settings())
     smtp.connect()
     smtp.close()
     smtp.close()
     with pytest.raises(SmtpError, match="closed"):
         smtp.send(EmailContent("/t", "x"), EmailHeaders(METADATA))
-    SmtpEmailSender(make_options(dev_server)).close()  # never connected
+    SmtpEmailSender(make_options(dev_server).smtp_settings()).close()  # never connected
 
 
 # ----------------------------------------------------------------------------- connect errors
@@ -318,7 +319,7 @@ def test_wrong_password_is_an_authentication_error(dev_server: DevServer) -> Non
     options = make_options(dev_server, user={"password": password})
     started = time.monotonic()
     with pytest.raises(AuthenticationError) as info:
-        SmtpEmailSender(options).connect()
+        SmtpEmailSender(options.smtp_settings()).connect()
     assert time.monotonic() - started < 5  # Dovecot delays failed logins by up to ~2 s
     assert password not in str(info.value)
     assert f"127.0.0.1:{dev_server.smtp_port}" in str(info.value)
@@ -333,9 +334,9 @@ def test_untrusted_certificate_is_a_tls_error(
     options = make_options(dev_server, tls_mode=tls_mode, tls={"ca-file": str(ca)})
     stats = StatsCounters()
     with pytest.raises(TlsError, match="certificate verif"):
-        SmtpEmailSender(options, stats).connect()
+        SmtpEmailSender(options.smtp_settings(), stats).connect()
     # the same failure while sending is not retried
-    smtp = SmtpEmailSender(options, stats)
+    smtp = SmtpEmailSender(options.smtp_settings(), stats)
     started = time.monotonic()
     with pytest.raises(TlsError):
         smtp.send(EmailContent("/t", "x"), EmailHeaders(METADATA))
@@ -347,7 +348,7 @@ def test_untrusted_certificate_is_a_tls_error(
 def test_system_cas_do_not_trust_the_test_ca(dev_server: DevServer) -> None:
     options = make_options(dev_server, tls={"ca-file": None})
     with pytest.raises(TlsError):
-        SmtpEmailSender(options).connect()
+        SmtpEmailSender(options.smtp_settings()).connect()
 
 
 def test_verify_false_connects_to_an_untrusted_server(
@@ -357,7 +358,7 @@ def test_verify_false_connects_to_an_untrusted_server(
         dev_server, tls={"ca-file": str(throwaway_ca(tmp_path)), "verify": False}
     )
     with caplog.at_level(logging.WARNING, logger="emailmw.transport.smtp"):
-        smtp = SmtpEmailSender(options)
+        smtp = SmtpEmailSender(options.smtp_settings())
     assert "verification is disabled" in caplog.text
     try:
         smtp.connect()
@@ -374,7 +375,7 @@ def test_nothing_listening_is_a_connect_error(scheme: str) -> None:
     )
     started = time.monotonic()
     with pytest.raises(ConnectError, match="refused") as info:
-        SmtpEmailSender(options).connect()
+        SmtpEmailSender(options.smtp_settings()).connect()
     assert time.monotonic() - started < 2
     assert f"{scheme}://127.0.0.1:{port}" in str(info.value)
 
@@ -395,7 +396,7 @@ def test_silent_server_is_a_connect_error_within_the_timeout(scheme: str) -> Non
         )
         started = time.monotonic()
         with pytest.raises(ConnectError, match="did not answer"):
-            SmtpEmailSender(options).connect()
+            SmtpEmailSender(options.smtp_settings()).connect()
         elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 2.5
 
@@ -589,18 +590,20 @@ def test_no_password_over_plaintext_to_a_remote_host(
 ) -> None:
     monkeypatch.setattr(smtp_module, "_is_loopback", lambda host: False)
     with pytest.raises(TlsError, match="plain text") as info:
-        SmtpEmailSender(fake_options(fake_smtp.port)).connect()
+        SmtpEmailSender(fake_options(fake_smtp.port).smtp_settings()).connect()
     assert "s3cret-pw" not in str(info.value)
     assert not any(c.upper().startswith("AUTH") for c in fake_smtp.commands)
     # allowed when the configuration says so
-    smtp = SmtpEmailSender(fake_options(fake_smtp.port, tls={"allow-insecure": True}))
+    smtp = SmtpEmailSender(
+        fake_options(fake_smtp.port, tls={"allow-insecure": True}).smtp_settings()
+    )
     smtp.connect()
     smtp.close()
     assert any(c.upper().startswith("AUTH PLAIN") for c in fake_smtp.commands)
 
 
 def test_plaintext_auth_to_loopback_uses_one_mechanism(fake_smtp: FakeSmtp) -> None:
-    smtp = SmtpEmailSender(fake_options(fake_smtp.port))
+    smtp = SmtpEmailSender(fake_options(fake_smtp.port).smtp_settings())
     smtp.connect()
     assert smtp.probe()["tls"] == "none"
     smtp.close()
@@ -619,7 +622,7 @@ def test_no_auth_without_password(fake_smtp: FakeSmtp) -> None:
             "username": "me",
         },
     )
-    smtp = SmtpEmailSender(options)
+    smtp = SmtpEmailSender(options.smtp_settings())
     assert smtp.from_address == "me@127.0.0.1"
     smtp.send(EmailContent("/t", "x"), EmailHeaders(METADATA))
     smtp.close()
@@ -630,7 +633,7 @@ def test_no_auth_without_password(fake_smtp: FakeSmtp) -> None:
 def test_421_after_data_is_retried_with_the_same_message_id(fake_smtp: FakeSmtp) -> None:
     fake_smtp.data_replies = ["421 4.3.0 going down", "451 4.3.0 try again"]
     stats = StatsCounters()
-    smtp = SmtpEmailSender(fake_options(fake_smtp.port), stats)
+    smtp = SmtpEmailSender(fake_options(fake_smtp.port).smtp_settings(), stats)
     message_id = smtp.send(EmailContent("/t", "body"), EmailHeaders(METADATA))
     smtp.close()
     assert len(fake_smtp.messages) == 3
@@ -644,7 +647,7 @@ def test_421_after_data_is_retried_with_the_same_message_id(fake_smtp: FakeSmtp)
 def test_5xx_after_data_is_not_retried(fake_smtp: FakeSmtp) -> None:
     fake_smtp.data_replies = ["552 5.3.4 message too big"]
     stats = StatsCounters()
-    smtp = SmtpEmailSender(fake_options(fake_smtp.port), stats)
+    smtp = SmtpEmailSender(fake_options(fake_smtp.port).smtp_settings(), stats)
     with pytest.raises(SmtpError, match=r"552 5\.3\.4 message too big"):
         smtp.send(EmailContent("/t", "body"), EmailHeaders(METADATA))
     # the connection is still good for the next email
@@ -657,4 +660,4 @@ def test_5xx_after_data_is_not_retried(fake_smtp: FakeSmtp) -> None:
 
 def test_bad_greeting_is_a_connect_error() -> None:
     with FakeSmtp(greeting="554 5.3.2 go away") as server, pytest.raises(ConnectError, match="554"):
-        SmtpEmailSender(fake_options(server.port)).connect()
+        SmtpEmailSender(fake_options(server.port).smtp_settings()).connect()

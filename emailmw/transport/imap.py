@@ -129,9 +129,9 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from emailmw.errors import ConfigError, ImapError, TlsError, TransportError
+from emailmw.errors import ImapError, TlsError, TransportError
 from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.codec import MalformedEmailError, decode_email
 from emailmw.transport.data import EmailData
@@ -145,10 +145,8 @@ from emailmw.transport.imap_resync import (
 )
 from emailmw.transport.imap_session import ConnectionLostError, Listed, Session, open_session
 from emailmw.transport.receiver import EmailReceiver
+from emailmw.transport.settings import ImapSettings
 from emailmw.transport.tls import client_context
-
-if TYPE_CHECKING:
-    from emailmw.options import Options
 
 __all__ = ["ImapEmailReceiver"]
 
@@ -215,20 +213,18 @@ class _WakePipe:
 class ImapEmailReceiver(EmailReceiver):
     """Receives the emails that arrive in one IMAP mailbox (see the module docstring).
 
-    ``options.user.imap`` says where and how (``imaps://`` implicit TLS, or
+    ``settings.server`` says where and how (``imaps://`` implicit TLS, or
     ``imap://`` with STARTTLS whenever offered; a plain-text login is refused
-    unless the host is loopback or ``tls.allow-insecure`` is set);
-    ``options.mailbox``, ``receive_mode``, ``polling_period``, ``timeout`` and
+    unless the host is loopback or ``tls.allow_insecure`` is set);
+    ``mailbox``, ``receive_mode``, ``polling_period``, ``timeout`` and
     ``max_message_size`` shape the rest. Drops and reconnects are counted in
     ``stats``.
     """
 
-    def __init__(self, options: Options, stats: StatsCounters | None = None) -> None:
-        if options.user is None:
-            raise ConfigError("the IMAP receiver needs email.user", key="email.user")
-        self._options = options
+    def __init__(self, settings: ImapSettings, stats: StatsCounters | None = None) -> None:
+        self._settings = settings
         self._stats = stats if stats is not None else StatsCounters()
-        self._server = str(options.user.imap)
+        self._server = str(settings.server)
         self._io_lock = threading.Lock()  # held by the thread using the connection
         self._turnstile = threading.Lock()
         self._state_lock = threading.Lock()
@@ -348,22 +344,21 @@ class ImapEmailReceiver(EmailReceiver):
             if self._session is None:
                 self._session = self._open()
             session = self._session
-            assert self._options.user is not None
             return {
                 "server": self._server,
                 "greeting": session.greeting,
                 "capabilities": sorted(session.capabilities),
                 "idle": session.has_idle,
                 "tls": "implicit"
-                if self._options.user.imap.tls == "implicit"
+                if self._settings.server.tls == "implicit"
                 else ("starttls" if session.tls_version else "none"),
                 "tls_version": session.tls_version,
-                "mailbox": self._options.mailbox,
+                "mailbox": self._settings.mailbox,
                 "uidvalidity": session.uidvalidity,
                 "uidnext": session.uidnext,
                 "exists": session.exists,
                 "next_uid": self._next_uid,
-                "receive_mode": self._options.receive_mode,
+                "receive_mode": self._settings.receive_mode,
                 "mode": self._mode,
             }
 
@@ -389,7 +384,7 @@ class ImapEmailReceiver(EmailReceiver):
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:
-            tls = self._options.tls
+            tls = self._settings.tls
             try:
                 context = client_context(tls.ca_file, tls.verify)
             except (OSError, ssl.SSLError) as exc:
@@ -412,7 +407,7 @@ class ImapEmailReceiver(EmailReceiver):
 
     def _open(self) -> Session:
         """Open a session and place the receiver in the mailbox (first or later connection)."""
-        session = open_session(self._options, self._ssl_context(), self._count, self._count_bytes)
+        session = open_session(self._settings, self._ssl_context(), self._count, self._count_bytes)
         if self._uidvalidity is None:
             self._uidvalidity = session.uidvalidity
             self._next_uid = session.uidnext
@@ -424,7 +419,7 @@ class ImapEmailReceiver(EmailReceiver):
             logger.warning(
                 "UIDVALIDITY of %r on %s changed from %d to %d: reading its %d emails again "
                 "(bodies only of those to deliver)",
-                self._options.mailbox,
+                self._settings.mailbox,
                 self._server,
                 self._uidvalidity,
                 session.uidvalidity,
@@ -444,7 +439,7 @@ class ImapEmailReceiver(EmailReceiver):
         logger.info(
             "IMAP %s: mailbox %r, UIDVALIDITY %d, next UID %d, IDLE %s, %s",
             self._server,
-            self._options.mailbox,
+            self._settings.mailbox,
             session.uidvalidity,
             self._next_uid,
             "yes" if session.has_idle else "no",
@@ -535,7 +530,7 @@ class ImapEmailReceiver(EmailReceiver):
                 return []
 
     def _choose_mode(self, session: Session, now: float) -> str:
-        wanted = self._options.receive_mode
+        wanted = self._settings.receive_mode
         if wanted == "poll":
             return "poll"
         if not session.has_idle:
@@ -552,7 +547,7 @@ class ImapEmailReceiver(EmailReceiver):
         """One move: fetch what is known to be new, or wait/poll/IDLE for news."""
         if session.trouble is not None:
             session.idle_done()
-            session.verify_mailbox(self._options.mailbox)
+            session.verify_mailbox(self._settings.mailbox)
         if self._pending or session.new_mail:
             return self._fetch_new(session)
         now = time.monotonic()
@@ -575,7 +570,7 @@ class ImapEmailReceiver(EmailReceiver):
             session.idle_done()
             return []
         if mode == "poll":
-            period = max(self._options.polling_period / 1e9, _MIN_POLL_PERIOD)
+            period = max(self._settings.polling_period, _MIN_POLL_PERIOD)
             due: float | None = session.last_sync + period
         else:
             due = self._cadence.next_poll(now, session.last_sync)
@@ -605,7 +600,7 @@ class ImapEmailReceiver(EmailReceiver):
         batch: list[Listed] = []
         wanted: list[int] = []
         size = 0
-        limit = self._options.max_message_size
+        limit = self._settings.max_message_size
         while self._pending and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
             item = self._pending.popleft()
             batch.append(item)
@@ -622,7 +617,7 @@ class ImapEmailReceiver(EmailReceiver):
         """The new emails (from the next UID on): sizes, dates, and the whole bytes of
         those that fit in the prefix fetched along (see the module docstring)."""
         start = self._next_uid
-        limit = self._options.max_message_size
+        limit = self._settings.max_message_size
         head = min(limit, _PREFETCH)
         _, found = session.fetch(b"%d:%d" % (start, start + _LIST_MAX - 1), _FETCH_LIST_HEAD % head)
         ranged = bool(found)
@@ -658,7 +653,7 @@ class ImapEmailReceiver(EmailReceiver):
                 return []  # the mailbox may be gone: the next step checks it
             found = self._list_one_by_one(session, start, end)
         session.new_mail = True  # more to re-read, or the new emails from resync.below on
-        limit = self._options.max_message_size
+        limit = self._settings.max_message_size
         listed: list[Listed] = []
         for uid in sorted(found):
             if not start <= uid <= end:
@@ -708,7 +703,7 @@ class ImapEmailReceiver(EmailReceiver):
         logger.log(
             logging.WARNING if skipped else logging.INFO,
             "re-read of %r after the UIDVALIDITY change %s: %d emails skipped (%s)",
-            self._options.mailbox,
+            self._settings.mailbox,
             how,
             skipped,
             resync.describe(),
@@ -742,7 +737,7 @@ class ImapEmailReceiver(EmailReceiver):
         deliver) and return ``(uid, bytes)`` for the rest, in order (None: the server
         failed it)."""
         fetched: list[tuple[int, bytes | None]] = []
-        limit = self._options.max_message_size
+        limit = self._settings.max_message_size
         resync = self._resync
         for item in batch:
             uid, length = item.uid, item.size
@@ -752,7 +747,7 @@ class ImapEmailReceiver(EmailReceiver):
                 logger.warning(
                     "skipping email UID %d in %r: %d bytes is over max-message-size (%d)",
                     uid,
-                    self._options.mailbox,
+                    self._settings.mailbox,
                     length,
                     limit,
                 )

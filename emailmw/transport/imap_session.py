@@ -54,7 +54,7 @@ from emailmw.stats import DropReason
 from emailmw.transport.tls import is_loopback
 
 if TYPE_CHECKING:
-    from emailmw.options import Options, ServerAddress
+    from emailmw.transport.settings import ImapSettings
 
 __all__ = ["ConnectionLostError", "Listed", "Session", "is_loopback", "open_session"]
 
@@ -377,7 +377,7 @@ def _count_reads(imap: Any, count_bytes: Callable[[int], None]) -> None:
 
 
 def open_session(
-    options: Options,
+    settings: ImapSettings,
     context: ssl.SSLContext,
     count: Callable[[int], None],
     count_bytes: Callable[[int], None] | None = None,
@@ -386,11 +386,10 @@ def open_session(
 
     ``count`` is told the tagged commands sent, ``count_bytes`` the bytes read
     from the server (after the greeting)."""
-    assert options.user is not None
-    address: ServerAddress = options.user.imap
+    address = settings.server
     server = str(address)
-    username = options.user.username
-    password = options.resolve_password()
+    username = settings.username
+    password = settings.password()
     if password is None:
         raise AuthenticationError(
             f"{server}: no password configured (user.password, password-file or $EMAILMW_PASSWORD)",
@@ -404,7 +403,7 @@ def open_session(
             address.port,
             ssl=address.tls == "implicit",
             ssl_context=context,
-            timeout=options.timeout,
+            timeout=settings.timeout,
         )
         client.normalise_times = False
         if count_bytes is not None:
@@ -413,7 +412,7 @@ def open_session(
             stage = "STARTTLS"
             if "STARTTLS" in {c.upper() for c in client._imap.capabilities}:
                 client.starttls(context)
-            elif options.tls.allow_insecure or is_loopback(address.host):
+            elif settings.tls.allow_insecure or is_loopback(address.host):
                 logger.warning("%s offers no STARTTLS: logging in over plain text", server)
             else:
                 raise TlsError(
@@ -438,15 +437,15 @@ def open_session(
         session.capabilities = frozenset(_text(c).upper() for c in client.capabilities())
         stage = "selecting the mailbox"
         try:
-            info = client.select_folder(options.mailbox, readonly=True)
+            info = client.select_folder(settings.mailbox, readonly=True)
         except imaplib.IMAP4.abort:
             raise
         except imaplib.IMAP4.error as exc:
             raise ImapError(
-                f"{server}: cannot open mailbox {options.mailbox!r}: {exc}", server=server
+                f"{server}: cannot open mailbox {settings.mailbox!r}: {exc}", server=server
             ) from exc
         if b"UIDNEXT" not in info:
-            info[b"UIDNEXT"] = client.folder_status(options.mailbox, [b"UIDNEXT"])[b"UIDNEXT"]
+            info[b"UIDNEXT"] = client.folder_status(settings.mailbox, [b"UIDNEXT"])[b"UIDNEXT"]
         session.uidvalidity = int(info.get(b"UIDVALIDITY", 0))
         session.uidnext = int(info[b"UIDNEXT"])
         session.exists = int(info.get(b"EXISTS", 0))
@@ -461,7 +460,7 @@ def open_session(
         if isinstance(exc, TransportError) or not isinstance(exc, Exception):
             raise
         if not isinstance(exc, UnicodeError):
-            raise _connect_error(exc, server, stage, options.timeout) from exc
+            raise _connect_error(exc, server, stage, settings.timeout) from exc
     # A UnicodeError holds the credentials: raised here, after its handler, the
     # ImapError has neither a cause nor a __context__ that could show them.
     del password  # the traceback keeps this frame's variables

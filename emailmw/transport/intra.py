@@ -132,23 +132,40 @@ class IntraEmailSender(EmailSender):
         self._address = address
         self._stats = stats
 
-    def send(self, content: EmailContent, headers: EmailHeaders | None = None) -> str:
+    def new_message_id(self) -> str:
+        """A new Message-ID from the receiver (see :meth:`IntraEmailReceiver.new_message_id`)."""
+        return self._receiver.new_message_id()
+
+    def send(
+        self,
+        content: EmailContent,
+        headers: EmailHeaders | None = None,
+        *,
+        message_id: str | None = None,
+    ) -> str:
         """Hand a new email to the receiver; return its Message-ID."""
         email = EmailData(
             content=content,
             headers=headers if headers is not None else EmailHeaders(),
+            message_id=message_id or "",
             from_=self._address,
             recipients=EmailRecipients(to=[self._address]),
         )
         return self._hand_over(email)
 
     def reply(
-        self, content: EmailContent, original: EmailData, headers: EmailHeaders | None = None
+        self,
+        content: EmailContent,
+        original: EmailData,
+        headers: EmailHeaders | None = None,
+        *,
+        message_id: str | None = None,
     ) -> str:
         """Hand a reply to ``original`` to the receiver; return its Message-ID."""
         email = EmailData(
             content=content,
             headers=headers if headers is not None else EmailHeaders(),
+            message_id=message_id or "",
             in_reply_to=original.message_id,
             from_=self._address,
             recipients=EmailRecipients(to=[original.from_ or self._address]),
@@ -156,9 +173,6 @@ class IntraEmailSender(EmailSender):
         return self._hand_over(email)
 
     def _hand_over(self, email: EmailData) -> str:
-        if self._signing_key is not None:
-            email.message_id = self._receiver.new_message_id()
-            self._seal(email)
         if self._stats is not None:
             self._stats.add("sent")  # before delivering: it may be dispatched right away
         return self._receiver.deliver(email)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 
-from emailmw.security import sign_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 
 __all__ = ["EmailSender"]
@@ -16,34 +15,38 @@ class EmailSender(abc.ABC):
     Implementations are safe to call from several threads at once.
     Both methods return only once the email was handed over (accepted by the
     SMTP server, or queued in memory), and return its ``Message-ID`` (with
-    angle brackets), or raise a :class:`~emailmw.TransportError`.
-
-    With a signing key set (:meth:`set_signing_key`), implementations call
-    :meth:`_seal` on each email once its ``Message-ID`` is final and before it
-    leaves, which adds the ``Emailmw-Signature`` header.
+    angle brackets), or raise a :class:`~emailmw.TransportError`. A caller that
+    must know the Message-ID before sending (to sign the email:
+    :class:`~emailmw.transport.signing.SigningSender`) takes one from
+    :meth:`new_message_id` and passes it as ``message_id``.
     """
-
-    _signing_key: bytes | None = None
-
-    def set_signing_key(self, key: bytes | None) -> None:
-        """Sign every email sent from now on with ``key`` (``None``: stop signing)."""
-        self._signing_key = key
-
-    def _seal(self, email: EmailData) -> None:
-        key = self._signing_key
-        if key is not None:
-            sign_email(email, key)
 
     def connect(self) -> None:  # noqa: B027 - optional hook
         """Open connections eagerly so that configuration errors surface at ``init()``."""
 
     @abc.abstractmethod
-    def send(self, content: EmailContent, headers: EmailHeaders | None = None) -> str:
-        """Send a new email to the configured recipients; return its Message-ID."""
+    def new_message_id(self) -> str:
+        """A new, unique Message-ID (with angle brackets) for an email of this sender."""
+
+    @abc.abstractmethod
+    def send(
+        self,
+        content: EmailContent,
+        headers: EmailHeaders | None = None,
+        *,
+        message_id: str | None = None,
+    ) -> str:
+        """Send a new email to the configured recipients; return its Message-ID
+        (``message_id`` if given, else a new one)."""
 
     @abc.abstractmethod
     def reply(
-        self, content: EmailContent, original: EmailData, headers: EmailHeaders | None = None
+        self,
+        content: EmailContent,
+        original: EmailData,
+        headers: EmailHeaders | None = None,
+        *,
+        message_id: str | None = None,
     ) -> str:
         """Send a reply to ``original`` (to its sender, ``In-Reply-To`` its Message-ID)."""
 

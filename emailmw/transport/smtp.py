@@ -26,8 +26,9 @@ One persistent :mod:`smtplib` connection, opened by :meth:`~SmtpEmailSender.conn
   to retry.
 * A connection idle for more than 30 s is checked with NOOP before use (servers
   close idle clients); otherwise sending is tried directly.
-* With a signing key (:meth:`~emailmw.transport.sender.EmailSender.set_signing_key`)
-  every email is signed once its ``Message-ID`` is final, before encoding.
+* Signing is not done here: the context wraps the sender in a
+  :class:`~emailmw.transport.signing.SigningSender`, which passes the
+  Message-ID it signed down as ``message_id``.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ from emailmw.errors import (
     TlsError,
     TransportError,
 )
-from emailmw.options import Options
 from emailmw.stats import StatsCounters
 from emailmw.transport.codec import encode_email, new_message_id, parse_address
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.sender import EmailSender
+from emailmw.transport.settings import SmtpSettings
 from emailmw.transport.tls import client_context
 from emailmw.transport.tls import is_loopback as _is_loopback
 
@@ -103,40 +104,34 @@ def _reply_text(message: bytes | str) -> str:
 class SmtpEmailSender(EmailSender):
     """Sends emails over one persistent SMTP connection (thread-safe).
 
-    ``From`` is ``options.from_address``, else the username if it is an
+    ``From`` is ``settings.from_address``, else the username if it is an
     address, else ``username@host``; ``Message-ID`` domains are the From
-    address's domain. New emails go to ``options.recipients`` (To and Cc
+    address's domain. New emails go to ``settings.recipients`` (To and Cc
     headers; the envelope also holds Bcc); replies go to the original's
     ``From``. Stats counters: ``sent``, ``send_retries``, ``send_failures``,
     ``reconnects``.
     """
 
-    def __init__(self, options: Options, stats: StatsCounters | None = None) -> None:
-        if options.user is None:
-            raise ConfigError("SMTP needs email.user (url-smtp, username, ...)", key="email.user")
-        self._options = options
+    def __init__(self, settings: SmtpSettings, stats: StatsCounters | None = None) -> None:
+        self._settings = settings
         self._stats = stats
-        self._address = options.user.smtp
+        self._address = settings.server
         host = f"[{self._address.host}]" if ":" in self._address.host else self._address.host
         self._server = f"{host}:{self._address.port}"
         self._label = str(self._address)
-        username = options.user.username
-        if options.from_address:
-            self._from = options.from_address
+        username = settings.username
+        if settings.from_address:
+            self._from = settings.from_address
         elif "@" in username:
             self._from = username
         else:
             self._from = f"{username or 'emailmw'}@{self._address.host}"
         self._envelope_from = parse_address(self._from)
         self._domain = self._envelope_from.rpartition("@")[2] or "localhost"
-        self._recipients = options.recipients
-        self._envelope = EmailRecipients(
-            to=list(options.recipients.to),
-            cc=list(options.recipients.cc),
-            bcc=list(options.recipients.bcc),
-        ).all()
+        self._recipients = settings.recipients
+        self._envelope = settings.recipients.all()
         self._hostname = socket.gethostname()
-        self._context = self._tls_context(options)
+        self._context = self._tls_context(settings)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._conn: smtplib.SMTP | None = None
@@ -165,7 +160,17 @@ class SmtpEmailSender(EmailSender):
             if self._conn is None:
                 self._connect_or_raise()
 
-    def send(self, content: EmailContent, headers: EmailHeaders | None = None) -> str:
+    def new_message_id(self) -> str:
+        """A new Message-ID in the domain of the From address."""
+        return new_message_id(self._domain)
+
+    def send(
+        self,
+        content: EmailContent,
+        headers: EmailHeaders | None = None,
+        *,
+        message_id: str | None = None,
+    ) -> str:
         """Send a new email to the configured recipients; return its Message-ID.
 
         ``headers`` is not modified. Raises :class:`ValueError` if the content or
@@ -174,15 +179,19 @@ class SmtpEmailSender(EmailSender):
         email = EmailData(
             content=content,
             headers=headers.copy() if headers is not None else EmailHeaders(),
-            message_id=new_message_id(self._domain),
+            message_id=message_id or new_message_id(self._domain),
             from_=self._from,
             recipients=EmailRecipients(to=list(self._recipients.to), cc=list(self._recipients.cc)),
         )
-        self._seal(email)
         return self._deliver(encode_email(email), self._envelope, email.message_id)
 
     def reply(
-        self, content: EmailContent, original: EmailData, headers: EmailHeaders | None = None
+        self,
+        content: EmailContent,
+        original: EmailData,
+        headers: EmailHeaders | None = None,
+        *,
+        message_id: str | None = None,
     ) -> str:
         """Reply to ``original``: to its ``From``, ``In-Reply-To``/``References`` its Message-ID."""
         to = parse_address(original.from_) if original.from_ else ""
@@ -191,12 +200,11 @@ class SmtpEmailSender(EmailSender):
         email = EmailData(
             content=content,
             headers=headers.copy() if headers is not None else EmailHeaders(),
-            message_id=new_message_id(self._domain),
+            message_id=message_id or new_message_id(self._domain),
             in_reply_to=original.message_id or None,
             from_=self._from,
             recipients=EmailRecipients(to=[to]),
         )
-        self._seal(email)
         return self._deliver(encode_email(email), [to], email.message_id)
 
     def send_raw(self, raw: bytes, recipients: list[str] | None = None) -> str:
@@ -234,7 +242,7 @@ class SmtpEmailSender(EmailSender):
                 "tls": self._tls_mode,
                 "tls_version": tls_version,
                 "cipher": cipher[0] if cipher else None,
-                "certificate_verified": tls_version is not None and self._options.tls.verify,
+                "certificate_verified": tls_version is not None and self._settings.tls.verify,
                 "authenticated": self._authenticated,
                 "auth_mechanisms": features.get("auth", "").split(),
                 "max_message_size": int(size) if size.isdigit() and int(size) > 0 else None,
@@ -262,7 +270,7 @@ class SmtpEmailSender(EmailSender):
             if conn is None:
                 return
             try:
-                _set_timeout(conn, min(_QUIT_TIMEOUT, self._options.timeout))
+                _set_timeout(conn, min(_QUIT_TIMEOUT, self._settings.timeout))
                 conn.quit()
             except (OSError, smtplib.SMTPException):
                 conn.close()
@@ -287,17 +295,17 @@ class SmtpEmailSender(EmailSender):
 
     def _deliver(self, data: bytes, envelope: list[str], message_id: str) -> str:
         """Hand ``data`` to the server (with retries, see the module docstring)."""
-        limit = self._options.max_message_size
+        limit = self._settings.max_message_size
         if len(data) > limit:
             raise self._fail(
                 f"email of {len(data)} bytes exceeds max-message-size ({limit} bytes); "
                 f"not sent to {self._label}"
             )
         start = time.monotonic()
-        deadline = start + self._options.send_timeout
-        if not self._lock.acquire(timeout=self._options.send_timeout):
+        deadline = start + self._settings.send_timeout
+        if not self._lock.acquire(timeout=self._settings.send_timeout):
             raise self._fail(
-                f"sending to {self._label} timed out after {self._options.send_timeout:g} s "
+                f"sending to {self._label} timed out after {self._settings.send_timeout:g} s "
                 "waiting for the connection"
             )
         try:
@@ -410,7 +418,7 @@ class SmtpEmailSender(EmailSender):
         if cause is not None:
             took += f": {cause}"
         elif any(_temporary(reply) for reply in refused.values()):
-            took += f": still refused at send-timeout ({self._options.send_timeout:g} s)"
+            took += f": still refused at send-timeout ({self._settings.send_timeout:g} s)"
         got_it = f"accepted for {', '.join(accepted)}" if accepted else "no recipient accepted it"
         message = (
             f"{self._label} refused {message_id} for {len(refused)} recipient(s): "
@@ -444,26 +452,26 @@ class SmtpEmailSender(EmailSender):
     # ------------------------------------------------------------------ connecting
 
     @staticmethod
-    def _tls_context(options: Options) -> ssl.SSLContext:
-        ca_file = options.tls.ca_file
+    def _tls_context(settings: SmtpSettings) -> ssl.SSLContext:
+        ca_file = settings.tls.ca_file
         try:
-            context = client_context(ca_file, options.tls.verify)
+            context = client_context(ca_file, settings.tls.verify)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"email.tls.ca-file: cannot load CA certificates from {ca_file}: {exc}",
                 key="email.tls.ca-file",
             ) from None
-        if not options.tls.verify:
+        if not settings.tls.verify:
             logger.warning(
                 "TLS certificate verification is disabled (tls.verify: false) for %s",
-                options.user.url_smtp if options.user else "SMTP",
+                settings.server,
             )
         return context
 
     def _connect_or_raise(self) -> smtplib.SMTP:
         """Open the connection (lock held); translate every failure."""
         try:
-            return self._open(time.monotonic() + self._options.timeout)
+            return self._open(time.monotonic() + self._settings.timeout)
         except TransportError:
             raise
         except (OSError, smtplib.SMTPException) as exc:
@@ -474,7 +482,7 @@ class SmtpEmailSender(EmailSender):
 
         def remaining() -> float:
             left = max(deadline - time.monotonic(), _MIN_STEP_TIMEOUT)
-            return min(self._options.timeout, left)
+            return min(self._settings.timeout, left)
 
         address = self._address
         conn: smtplib.SMTP
@@ -516,7 +524,7 @@ class SmtpEmailSender(EmailSender):
             raise
         finally:
             self._opening = None
-        _set_timeout(conn, self._options.timeout)
+        _set_timeout(conn, self._settings.timeout)
         if self._ever_connected:
             self._count("reconnects")
         self._ever_connected = True
@@ -531,13 +539,13 @@ class SmtpEmailSender(EmailSender):
     def _authenticate(
         self, conn: smtplib.SMTP, encrypted: bool, remaining: Callable[[], float]
     ) -> None:
-        username = self._options.user.username if self._options.user else ""
-        password = self._options.resolve_password()
+        username = self._settings.username
+        password = self._settings.password()
         self._authenticated = False
         if not username or password is None:
             return
         if not encrypted and not _is_loopback(self._address.host):
-            if not self._options.tls.allow_insecure:
+            if not self._settings.tls.allow_insecure:
                 raise TlsError(
                     f"refusing to send the password in plain text to {self._label}: the server "
                     "does not offer STARTTLS (use smtps://, or set tls.allow-insecure: true)",
@@ -598,7 +606,7 @@ class SmtpEmailSender(EmailSender):
         if isinstance(exc, smtplib.SMTPResponseException):
             return f"{exc.smtp_code} {_reply_text(exc.smtp_error)}"
         if isinstance(exc, TimeoutError):
-            return f"no answer within {self._options.timeout:g} s"
+            return f"no answer within {self._settings.timeout:g} s"
         if isinstance(exc, ConnectionRefusedError):
             return "connection refused"
         if isinstance(exc, ssl.SSLCertVerificationError):
