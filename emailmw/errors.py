@@ -7,6 +7,7 @@ The tree::
     ├── ContextError                 context not initialized, or already shut down
     ├── InvalidNameError             (also ValueError) bad topic/service name
     ├── InvalidHeaderError           (also ValueError) bad additional header
+    ├── InvalidMessageError          (also ValueError) payload that cannot be sent
     ├── GuardConditionInUseError     guard condition already in another wait set
     ├── WaitTimeoutError             (also TimeoutError) a wait_for_* timed out
     ├── UnknownRequestError          (also KeyError) response to an unknown request id
@@ -33,6 +34,7 @@ __all__ = [
     "GuardConditionInUseError",
     "ImapError",
     "InvalidHeaderError",
+    "InvalidMessageError",
     "InvalidNameError",
     "RecipientsRefusedError",
     "SmtpError",
@@ -70,6 +72,15 @@ class InvalidNameError(EmailmwError, ValueError):
 
 class InvalidHeaderError(EmailmwError, ValueError):
     """An additional header name or value is not valid or is reserved."""
+
+
+class InvalidMessageError(EmailmwError, ValueError):
+    """A message, request or response cannot be sent as given.
+
+    Raised before anything is sent, by every transport alike: the text holds a
+    lone surrogate (``"a\\ud800b"``), which UTF-8, and so the wire format,
+    cannot carry.
+    """
 
 
 class GuardConditionInUseError(EmailmwError):

@@ -20,7 +20,7 @@ from emailmw.info import (
 )
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailHeaders
-from emailmw.validation import validate_headers
+from emailmw.validation import validate_headers, validate_payload
 from emailmw.waitable import Waitable
 
 __all__ = ["Publisher", "Subscription"]
@@ -62,6 +62,7 @@ class Publisher(Entity):
         """
         if not isinstance(message, str):
             raise TypeError(f"message must be a str, got {type(message).__name__}")
+        validate_payload(message, "message")
         context = self._context
         context._check()
         headers = EmailHeaders()

@@ -27,6 +27,7 @@ from emailmw.info import (
 )
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
+from emailmw.validation import validate_payload
 from emailmw.waitable import Waitable
 
 __all__ = ["ServiceClient", "ServiceServer"]
@@ -94,6 +95,7 @@ class ServiceClient(Entity, Waitable):
         accepted it."""
         if not isinstance(request, str):
             raise TypeError(f"request must be a str, got {type(request).__name__}")
+        validate_payload(request, "request")
         context = self._context
         context._check()
         sequence_number = next(self._sequence)
@@ -226,6 +228,7 @@ class ServiceServer(Entity, Waitable):
             raise TypeError(
                 f"request_id must be a ServiceRequestId, got {type(request_id).__name__}"
             )
+        validate_payload(response, "response")
         context = self._context
         context._check()
         with self._lock:

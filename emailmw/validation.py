@@ -1,4 +1,4 @@
-"""Validation of user input that ends up in an email: names and headers.
+"""Validation of user input that ends up in an email: names, headers and payloads.
 
 Everything here raises before anything is sent.
 """
@@ -9,7 +9,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 
-from emailmw.errors import InvalidHeaderError, InvalidNameError
+from emailmw.errors import InvalidHeaderError, InvalidMessageError, InvalidNameError
 from emailmw.info import METADATA_HEADERS
 
 __all__ = [
@@ -17,8 +17,10 @@ __all__ = [
     "RESERVED_HEADERS",
     "TRANSPORT_HEADERS",
     "is_transport_header",
+    "unencodable_character",
     "validate_headers",
     "validate_name",
+    "validate_payload",
 ]
 
 #: Longest accepted topic or service name, in characters.
@@ -73,6 +75,37 @@ _MAX_HEADER_VALUE = 8000
 _BAD_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs", "Cn"})
 
 
+def unencodable_character(text: str) -> str | None:
+    """Why ``text`` cannot go into an email, or ``None`` if it can.
+
+    The wire format carries any ``str`` exactly, except one that UTF-8 cannot
+    encode: one holding a lone surrogate (U+D800 to U+DFFF). The reason names
+    the first such character and its index.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"U+{ord(text[exc.start]):04X} at index {exc.start} is a lone surrogate, "
+            "which UTF-8 cannot encode"
+        )
+    return None
+
+
+def validate_payload(text: str, what: str = "message") -> str:
+    """Return ``text`` if it can be sent as the body of an email, else raise.
+
+    ``what`` names the payload in the error (``"message"``, ``"request"``,
+    ``"response"``). Raises :class:`~emailmw.InvalidMessageError` for a text
+    that holds a lone surrogate (see :func:`unencodable_character`); any other
+    ``str`` is carried exactly.
+    """
+    reason = unencodable_character(text)
+    if reason is not None:
+        raise InvalidMessageError(f"{what} cannot be sent: {reason}")
+    return text
+
+
 def validate_name(name: object, kind: str = "topic") -> str:
     """Return ``name`` if it is a valid topic or service name, else raise.
 
@@ -103,7 +136,7 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
     Names must be RFC 5322 field names (printable ASCII, no colon or space) and
     not reserved (:data:`RESERVED_HEADERS`); values must be ``str`` without CR,
-    LF or NUL and at most 8000 characters.
+    LF, NUL or a lone surrogate and at most 8000 characters.
     """
     if headers is None:
         return {}
@@ -128,6 +161,8 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             )
         if any(c in value for c in "\r\n\0"):
             raise InvalidHeaderError(f"value of header {name!r} contains CR, LF or NUL")
+        if (reason := unencodable_character(value)) is not None:
+            raise InvalidHeaderError(f"value of header {name!r} cannot be sent: {reason}")
         if len(value) > _MAX_HEADER_VALUE:
             raise InvalidHeaderError(
                 f"value of header {name!r} is {len(value)} characters; the limit is "

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emailmw.errors import InvalidMessageError
 from emailmw.transport.codec import (
     TRANSPORT_HEADERS,
     MalformedEmailError,
@@ -195,12 +196,21 @@ def test_mostly_non_ascii_body_goes_base64() -> None:
 
 
 def test_lone_surrogate_is_refused_at_encode_time() -> None:
-    with pytest.raises(ValueError, match="surrogate"):
-        encode_email(make_email(body="bad \ud800 body"))
-    with pytest.raises(ValueError, match="surrogate"):
-        encode_email(make_email(subject="bad \udfff subject"))
-    with pytest.raises(ValueError, match="surrogate"):
-        encode_email(make_email(headers={"User-Header": "x\udc80"}))
+    """The codec raises InvalidMessageError (also a ValueError), never a bare
+    UnicodeEncodeError, and names the character and where it is."""
+    cases = [
+        (make_email(body="bad \ud800 body"), "message body", "U+D800 at index 4"),
+        (make_email(subject="bad \udfff subject"), "header Subject", "U+DFFF at index 4"),
+        (make_email(headers={"User-Header": "x\udc80"}), "header User-Header", "U+DC80 at index 1"),
+        (make_email(), "From address", "U+DC80 at index 1"),
+    ]
+    cases[-1][0].from_ = "D\udc80 <alice@example.test>"
+    for email, what, where in cases:
+        with pytest.raises(InvalidMessageError) as info:
+            encode_email(email)
+        assert not isinstance(info.value, UnicodeError)
+        assert isinstance(info.value, ValueError)
+        assert what in str(info.value) and where in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("size", [1_000_000, 10_000_000])

@@ -317,6 +317,51 @@ def test_stats_count_each_email_once(transport: Transport) -> None:
     assert stats.dropped_total == 0, stats.dropped
 
 
+def test_unencodable_payloads_are_refused_before_anything_is_sent(transport: Transport) -> None:
+    """A lone surrogate cannot go into an email: every transport refuses it alike, with
+    InvalidMessageError (also a ValueError) naming the character, and sends nothing
+    (the intraprocess transport could carry it, but must not: code that works in
+    tests would then fail over SMTP)."""
+    t = transport
+    sub = emailmw.Subscription("/unencodable", context=t.ctx)
+    pub = emailmw.Publisher("/unencodable", context=t.ctx)
+    server = emailmw.ServiceServer("/unencodable/service", context=t.ctx)
+    client = emailmw.ServiceClient("/unencodable/service", context=t.ctx)
+    refused: list[str] = []
+    with pytest.raises(emailmw.InvalidMessageError) as info:
+        pub.publish("a\ud800b")
+    refused.append(str(info.value))
+    with pytest.raises(emailmw.InvalidMessageError) as info:
+        client.send_request("\udfff")
+    refused.append(str(info.value))
+    assert t.ctx.stats().sent == 0
+    seq = client.send_request("a good request")
+    assert seq == 1, "the refused request used up a sequence number"
+    request = emailmw.wait_for_request(server, t.wait)
+    with pytest.raises(emailmw.InvalidMessageError) as info:
+        server.send_response(request.id, "x" * 10 + "\udc80")
+    refused.append(str(info.value))
+    assert isinstance(info.value, ValueError)
+    assert t.ctx.stats().sent == 1
+    assert refused == [
+        "message cannot be sent: U+D800 at index 1 is a lone surrogate, which UTF-8 cannot encode",
+        "request cannot be sent: U+DFFF at index 0 is a lone surrogate, which UTF-8 cannot encode",
+        "response cannot be sent: U+DC80 at index 10 is a lone surrogate, "
+        "which UTF-8 cannot encode",
+    ]
+    # the request is still waiting for its answer, and everything else still works
+    server.send_response(request.id, "a good response")
+    assert emailmw.wait_for_response(seq, client, t.wait) == "a good response"
+    pub.publish("a good message")
+    assert emailmw.wait_for_message(sub, t.wait) == "a good message"
+    assert_nothing_more(t, sub)
+    assert not server.has_request() and not client.has_response()
+    stats = t.ctx.stats()
+    assert (stats.sent, stats.received, stats.dropped_total) == (3, 3, 0), stats
+    if t.stored is not None:
+        assert len(t.stored(3)) == 3  # request, response, message: nothing else arrived
+
+
 # ------------------------------------------------------------------------ services
 
 

@@ -25,6 +25,7 @@ EXPECTED = {
     "GuardConditionInUseError",
     "ImapError",
     "InvalidHeaderError",
+    "InvalidMessageError",
     "InvalidNameError",
     "MessageInfo",
     "Options",
@@ -64,6 +65,7 @@ ERRORS = [
     "GuardConditionInUseError",
     "ImapError",
     "InvalidHeaderError",
+    "InvalidMessageError",
     "InvalidNameError",
     "RecipientsRefusedError",
     "SmtpError",
@@ -105,6 +107,7 @@ def test_error_tree_and_builtin_bases() -> None:
     assert issubclass(emailmw.WaitTimeoutError, TimeoutError)
     assert issubclass(emailmw.InvalidNameError, ValueError)
     assert issubclass(emailmw.InvalidHeaderError, ValueError)
+    assert issubclass(emailmw.InvalidMessageError, ValueError)
     assert issubclass(emailmw.UnknownRequestError, KeyError)
     for name in ("SmtpError", "ImapError", "AuthenticationError", "TlsError", "ConnectError"):
         assert issubclass(getattr(emailmw, name), emailmw.TransportError)

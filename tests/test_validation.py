@@ -6,13 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emailmw import InvalidHeaderError, InvalidNameError
+from emailmw import InvalidHeaderError, InvalidMessageError, InvalidNameError
 from emailmw.validation import (
     MAX_NAME_LENGTH,
     RESERVED_HEADERS,
     is_transport_header,
+    unencodable_character,
     validate_headers,
     validate_name,
+    validate_payload,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -152,7 +154,9 @@ def test_bad_header_names(name: object) -> None:
         validate_headers({name: "x"})  # type: ignore[dict-item]
 
 
-@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\r\nInjected: yes", "nul\x00", "x" * 8001])
+@pytest.mark.parametrize(
+    "value", ["a\rb", "a\nb", "a\r\nInjected: yes", "nul\x00", "x" * 8001, "lone\udc80"]
+)
 def test_bad_header_values(value: str) -> None:
     with pytest.raises(InvalidHeaderError, match="Trace"):
         validate_headers({"Trace": value})
@@ -175,3 +179,47 @@ def test_headers_must_be_a_mapping() -> None:
 
 def test_longest_header_value_is_accepted() -> None:
     assert validate_headers({"Trace": "x" * 8000}) == {"Trace": "x" * 8000}
+
+
+# ----------------------------------------------------------------------------- payloads
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "plain", "\0\r\n\x85\u2028", "日本語 🎉", "\U0010ffff"],
+    ids=["empty", "plain", "controls", "non_ascii", "max_code_point"],
+)
+def test_encodable_payloads_are_accepted(text: str) -> None:
+    """Any str UTF-8 can encode is carried exactly, even odd ones (CR, NUL, ...)."""
+    assert validate_payload(text) is text
+    assert unencodable_character(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "index", "code"),
+    [
+        ("a\ud800b", 1, "U+D800"),
+        ("\udfff", 0, "U+DFFF"),
+        ("x" * 100 + "\udc80", 100, "U+DC80"),
+        ("\ud83c\udf89", 0, "U+D83C"),  # a surrogate pair written as two str characters
+    ],
+)
+def test_lone_surrogates_are_refused_naming_the_character(text: str, index: int, code: str) -> None:
+    with pytest.raises(InvalidMessageError) as info:
+        validate_payload(text, "response")
+    message = str(info.value)
+    assert message.startswith("response cannot be sent: ")
+    assert f"{code} at index {index}" in message
+    assert isinstance(info.value, ValueError)
+
+
+@given(st.text())
+@settings(max_examples=300, deadline=None)
+def test_validate_payload_accepts_exactly_what_utf8_encodes(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(InvalidMessageError, match="lone surrogate"):
+            validate_payload(text)
+    else:
+        assert validate_payload(text) is text

@@ -24,7 +24,8 @@ Body: the transfer-encoding rule
     is therefore always sent as 7-bit ASCII with short lines:
 
     1. The body is encoded as UTF-8. A ``str`` that cannot be (it holds a lone
-       surrogate) is refused with :class:`ValueError` at encode time.
+       surrogate) is refused with :class:`~emailmw.InvalidMessageError` (also a
+       :class:`ValueError`) at encode time; the entities refuse it before that.
     2. If the body holds no CR at all, it is sent as **quoted-printable** (so
        that it stays readable in a mail client), unless that would be bigger
        than base64 (mostly non-ASCII text). Each LF is a hard line break (CRLF
@@ -62,6 +63,7 @@ from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import format_datetime, formataddr, getaddresses, parseaddr
 
+from emailmw.errors import InvalidMessageError
 from emailmw.info import (
     HEADER_CLIENT_GID,
     HEADER_PREVIOUS_NUMBER,
@@ -76,7 +78,7 @@ from emailmw.info import (
     parse_sequence_number,
 )
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
-from emailmw.validation import TRANSPORT_HEADERS, is_transport_header
+from emailmw.validation import TRANSPORT_HEADERS, is_transport_header, unencodable_character
 
 __all__ = [
     "TRANSPORT_HEADERS",
@@ -161,13 +163,11 @@ def is_emailmw(names: Iterable[str]) -> bool:
 
 
 def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; :class:`InvalidMessageError` if it holds a lone surrogate."""
     try:
         return text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{what} is not valid Unicode: U+{ord(text[exc.start]):04X} at index {exc.start} "
-            "(a lone surrogate) cannot be encoded as UTF-8"
-        ) from None
+    except UnicodeEncodeError:
+        raise InvalidMessageError(f"{what} cannot be sent: {unencodable_character(text)}") from None
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -213,6 +213,7 @@ def _unstructured_field(name: str, value: str) -> str:
         lines.append(line)
         if all(len(line) <= _LINE_LIMIT for line in lines):
             return "\r\n".join(lines) + "\r\n"
+    _utf8(value, f"value of header {name}")  # names the first character it cannot encode
     room = _WORD_LINE_LIMIT - len(prefix) - _EW_OVERHEAD
     first_limit = (room // 4) * 3 if room >= 8 else 0  # 8 base64 characters: any one character
     words = _encoded_words(value, first_limit)
@@ -228,6 +229,7 @@ def _address_field(name: str, addresses: list[str]) -> str:
         if _BAD_ADDRESS_CHARS.search(address) or not address.strip():
             raise ValueError(f"{name} address {address!r} is empty or holds control characters")
         if not address.isascii():
+            _utf8(address, f"{name} address")
             display, addr_spec = parseaddr(address)
             if not addr_spec or not addr_spec.isascii():
                 raise ValueError(f"{name} address {address!r} is not ASCII")
@@ -276,10 +278,12 @@ def encode_email(email: EmailData) -> bytes:
     ``in_reply_to`` (sets ``In-Reply-To`` and ``References``), the content and
     ``headers``; adds ``Date``, ``MIME-Version`` and the ``Content-*`` headers.
 
-    Raises :class:`ValueError` for what cannot go into an email: a lone
-    surrogate in the subject, body or a header value; CR, LF or NUL in a header
-    value; an invalid or reserved header name (:data:`TRANSPORT_HEADERS`); a
-    missing or malformed From address or Message-ID.
+    Raises :class:`~emailmw.InvalidMessageError` (a :class:`ValueError`) for a
+    lone surrogate in the subject, the body, a header value or an address, and
+    :class:`ValueError` for what else cannot go into an email: CR, LF or NUL in
+    a header value; an invalid or reserved header name
+    (:data:`TRANSPORT_HEADERS`); a missing or malformed From address or
+    Message-ID.
     """
     if not email.from_:
         raise ValueError("the email has no From address")
