@@ -146,6 +146,18 @@ def _request(
     return fields
 
 
+def _address_line(index: int) -> bytes:
+    """One address-list field value of about 350 bytes: plain addresses, display
+    names, quoted display names holding commas."""
+    return (
+        f"user{index}@example.test, Some Body <some.body{index}@example.test>, "
+        f'"Doe, Jane" <jane.doe+{index}@mail.example.test>, other{index}@example.test, '
+        f"Another Long Display Name <another.long.name{index}@example.test>, "
+        f'"Smith, John (Sales)" <john.smith{index}@sales.example.test>, last{index}@x.test, '
+        f"O'Brien <obrien{index}@example.test>, very.last.one{index}@long-domain.example.test"
+    ).encode()
+
+
 def _deep_multipart(depth: int) -> tuple[bytes, bytes]:
     """(Content-Type value, body) of ``multipart/mixed`` nested ``depth`` levels deep,
     with one text/plain part at the bottom saying ``deep``."""
@@ -362,6 +374,34 @@ def hostile_emails(
         body="b" * 12_000,
         fields=_message(topic, m),
         payload=b"b" * 12_000 + CRLF,
+    )
+
+    # -- header-heavy emails: valid, and decoded in time linear in their size ----------
+    # (every To/Cc field used to be joined to all the ones before it: 10 000 To lines
+    # took 10-16 s to decode, 7 MB of them a minute)
+    m = mid("to10k")
+    add(
+        "ten_thousand_to_lines",
+        None,
+        None,
+        mid=m,
+        body="after 10 000 To lines",
+        fields=[*_message(topic, m), *(("To", _address_line(i)) for i in range(10_000))],
+        payload=b"after 10 000 To lines",
+        note="3.5 MB of To fields",
+    )
+    m = mid("tocc7mb")
+    add(
+        "seven_megabytes_of_to_and_cc_lines",
+        None,
+        None,
+        mid=m,
+        body="after 7 MB of To and Cc lines",
+        fields=[
+            *_message(topic, m),
+            *((("To", "Cc")[i % 2], _address_line(i)) for i in range(20_000)),
+        ],
+        payload=b"after 7 MB of To and Cc lines",
     )
 
     # -- MIME structure ------------------------------------------------------------------

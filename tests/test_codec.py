@@ -518,6 +518,80 @@ def test_broken_emailmw_email_is_malformed(raw: bytes, message: str) -> None:
         decode_email(raw)
 
 
+# ----------------------------------------------------------------------------- header-heavy emails
+
+_HEAD = (
+    b"From: alice@example.test\r\nSubject: /heavy\r\nMessage-ID: <heavy@example.test>\r\n"
+    b"Source-Timestamp: 1\r\nPublisher-GID: 2\r\n"
+)
+
+#: One header field (name and value, no line end) per shape; ``{i}`` is its index.
+HEAVY_FIELDS = {
+    # the common case: plain addresses and display names, some quoted with commas
+    "to_lines": 'To: a{i}@example.test, Some Body <b{i}@example.test>, "Doe, J" <c{i}@x.test>',
+    "cc_lines": "Cc: a{i}@example.test, Some Body <b{i}@example.test>, c{i}@x.test",
+    # many tiny addresses: the most addresses per byte
+    "dense_addresses": "To: " + ",".join(f"a{{i}}.{n}@b" for n in range(40)),
+    # comments, groups and quoted pairs: the general tokenizer
+    "comments_and_groups": 'To: a{i}@x (c, d), team: "q\\" x" <b{i}@y>, c@z;, (n (m)) d@w',
+    # a baseline without addresses
+    "user_headers": "X-A: a{i}@example.test, Some Body <b{i}@example.test>, c{i}@x.test",
+}
+
+
+def _header_heavy(field: str, size: int) -> bytes:
+    """An emailmw email whose header holds ``size`` bytes of ``field`` lines."""
+    line = (field + "\r\n").encode()
+    count = size // len(line) + 1
+    fields = b"".join(field.replace("{i}", str(i)).encode() + b"\r\n" for i in range(count))
+    return _HEAD + fields + b"\r\nbody\r\n"
+
+
+def _decode_seconds(raw: bytes, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = decode_email(raw)
+        best = min(best, time.perf_counter() - start)
+        assert result is not None and result.content.body == "body"
+    return best
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("shape", list(HEAVY_FIELDS))
+def test_header_heavy_emails_decode_in_linear_time(shape: str) -> None:
+    """Decoding time grows linearly with the header: 8 times the bytes, not 64 times
+    the time. Each To/Cc field used to be joined to all the ones before it: 7 MB of
+    To lines took a minute (now well under a second; the bounds are generous, the
+    machine is shared)."""
+    small = _header_heavy(HEAVY_FIELDS[shape], 7_000_000 // 8)
+    big = _header_heavy(HEAVY_FIELDS[shape], 7_000_000)
+    small_seconds = _decode_seconds(small, repeat=3)
+    big_seconds = _decode_seconds(big, repeat=1)
+    ratio = big_seconds / small_seconds
+    assert ratio < 30, f"{shape}: {small_seconds:.3f} s at 0.9 MB, {big_seconds:.3f} s at 7 MB"
+    assert big_seconds < 8.0, f"{shape}: 7 MB took {big_seconds:.3f} s"
+
+
+def test_many_to_and_cc_fields_keep_every_address_in_order() -> None:
+    raw = _header_heavy(HEAVY_FIELDS["to_lines"], 100_000)
+    raw = raw.replace(b"\r\nTo: a1@", b"\r\nCc: z@x.test, a1@", 1)
+    to_fields = raw.count(b"\r\nTo: ")
+    assert to_fields > 1000
+    result = decoded(raw)
+    assert len(result.recipients.to) == 3 * to_fields
+    assert result.recipients.to[:6] == [
+        "a0@example.test",
+        "b0@example.test",
+        "c0@x.test",
+        "a2@example.test",
+        "b2@example.test",
+        "c2@x.test",
+    ]
+    assert result.recipients.to[-1] == f"c{to_fields}@x.test"
+    assert result.recipients.cc == ["z@x.test", "a1@example.test", "b1@example.test", "c1@x.test"]
+
+
 # ----------------------------------------------------------------------------- properties
 
 NAME_TEXT = st.text(min_size=1, max_size=200).filter(

@@ -15,7 +15,10 @@ but :class:`MalformedEmailError`. This file adds:
 * any charset a header may name, with any bytes: the text that comes out is valid
   Unicode (no lone surrogates: emailmw could not send such a string back);
 * every email of the hostile corpus (tests/hostile_corpus.py), fed to the parser
-  as it is, fails cleanly and quickly.
+  as it is, fails cleanly and quickly;
+* To and Cc address lists decode to what :func:`email.utils.getaddresses` gives
+  for well-formed lists, and the fast path for plain lists agrees with the
+  general tokenizer on any input.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import binascii
 import re
 import time
 from collections.abc import Callable
+from email.utils import getaddresses
 
 import pytest
 from hostile_corpus import CorpusEmail, corpus
@@ -33,6 +37,7 @@ from hypothesis import strategies as st
 
 from emailmw.errors import InvalidHeaderError, InvalidNameError
 from emailmw.security import sign_email, verify_signature
+from emailmw.transport import codec
 from emailmw.transport.codec import MalformedEmailError, decode_email, encode_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.validation import MAX_NAME_LENGTH, validate_headers, validate_name
@@ -401,3 +406,58 @@ def test_hostile_corpus_decodes_or_fails_cleanly_and_quickly(item: CorpusEmail) 
         result = None
     assert result is None or isinstance(result, EmailData)
     assert time.monotonic() - start < 2.0
+
+
+# ----------------------------------------------------------------------------- address lists
+
+_ATOM = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_+-", min_size=1, max_size=8)
+_DOT_ATOM = st.lists(_ATOM, min_size=1, max_size=3).map(".".join)
+_ADDR_SPEC = st.builds(lambda local, domain: f"{local}@{domain}", _DOT_ATOM, _DOT_ATOM)
+_PHRASE = st.lists(_ATOM, min_size=1, max_size=3).map(" ".join)
+_QUOTED = st.text(alphabet="abc XYZ,.;:()<>@[]'\\\"", max_size=12).map(
+    lambda text: '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+)
+_COMMENT = st.text(alphabet="abc XYZ,.;:<>@'", max_size=10).map(lambda text: f"({text})")
+_MAILBOX = st.one_of(
+    _ADDR_SPEC,
+    st.builds(lambda name, addr: f"{name} <{addr}>", _PHRASE, _ADDR_SPEC),
+    st.builds(lambda name, addr: f"{name} <{addr}>", _QUOTED, _ADDR_SPEC),
+    st.builds(lambda addr, comment: f"{addr} {comment}", _ADDR_SPEC, _COMMENT),
+    st.builds(lambda comment, addr: f"{comment} {addr}", _COMMENT, _ADDR_SPEC),
+)
+_GROUP = st.builds(
+    lambda name, members: f"{name}: {', '.join(members)};",
+    _PHRASE,
+    st.lists(_MAILBOX, max_size=3),
+)
+_ADDRESS_LIST = st.lists(st.one_of(_MAILBOX, _MAILBOX, _GROUP), min_size=1, max_size=6).map(
+    ", ".join
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(fields=st.lists(_ADDRESS_LIST, min_size=1, max_size=4), name=st.sampled_from(["To", "Cc"]))
+def test_address_lists_decode_like_getaddresses(fields: list[str], name: str) -> None:
+    """Well-formed To/Cc fields (plain addresses, display names, quoted strings with
+    specials, comments, groups; several fields) give the addresses the standard
+    library's parser finds, in order."""
+    expected = [address for _, address in getaddresses(fields) if address]
+    head = "".join(f"{name}: {value}\r\n" for value in fields).encode()
+    email = decoded(head + b"Subject: /t\r\nPublisher-GID: 1\r\nSource-Timestamp: 1\r\n\r\nx")
+    assert (email.recipients.to if name == "To" else email.recipients.cc) == expected
+
+
+_ADDRESS_NOISE = st.lists(st.sampled_from([*'ab@. ,<>"\\():;\t', "x@y.z", "é"]), max_size=30).map(
+    "".join
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=_ADDRESS_NOISE | _ADDRESS_LIST)
+def test_the_fast_address_path_agrees_with_the_tokenizer(value: str) -> None:
+    """The fast path takes only lists it reads exactly as the general tokenizer does."""
+    fast = codec._simple_address_list(value)
+    slow: list[str] = []
+    codec._parse_address_list(value, slow)
+    if fast is not None:
+        assert fast == slow
