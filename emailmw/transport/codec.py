@@ -113,10 +113,11 @@ _ADDRESS_TOKEN = re.compile(r'"(?:[^"\\]|\\[\s\S])*"?|\\[\s\S]?|[(),:;<>]|[^"\\(
 # White space in an addr-spec: none around "@" and ".", one space elsewhere.
 _ADDRESS_SPACE = re.compile(r"\s*([@.])\s*|\s+")
 _ADDRESS_SPACE_OR_QUOTE = re.compile(r'[\s"]')
-# Characters that make an address list need the tokenizer (quoted strings, quoted
-# pairs, comments, groups); without them every comma separates two addresses.
-_ADDRESS_SPECIALS = re.compile(r"[()\\:;]")
-_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\[\s\S])*"')
+# What is left for the tokenizer once quoted strings and simple comments are blanked
+# out: quoted pairs and nested comments.
+_ADDRESS_SPECIALS = re.compile(r"[()\\]")
+# A quoted string (group 1), or a comment without quotes, backslashes or nesting.
+_QUOTED_OR_COMMENT = re.compile(r'("(?:[^"\\]|\\[\s\S])*")|\([^()"\\]*\)')
 # White space inside an element of a comma-separated list.
 _INNER_SPACE = re.compile(r"[^\s,]\s+[^\s,]")
 _SPACE = re.compile(r"\s")
@@ -442,21 +443,32 @@ def _addresses(values: Iterable[str]) -> list[str]:
 def _simple_address_list(value: str) -> list[str] | None:
     """The addresses of a list of ``a@b`` and ``name <a@b>`` (the usual case), fast.
 
-    ``None`` if ``value`` is anything else (:func:`_parse_address_list` reads
-    those); otherwise the same list as that function gives.
+    Quoted display names, comments that hold no quote, backslash or nested
+    comment, and groups are read here too. ``None`` if ``value`` is anything
+    else (:func:`_parse_address_list` reads those); otherwise the same list as
+    that function gives.
     """
-    if '"' in value:  # quoted display names, which may hold commas: they are dropped anyway
-        value = _QUOTED_STRING.sub('""', value)
+    if '"' in value or "(" in value:
+        # quoted strings (display names: dropped anyway) and comments may hold commas
+        value = _QUOTED_OR_COMMENT.sub(_blank_quoted_or_comment, value)
         if '"' in value.replace('""', ""):  # an unterminated quoted string
             return None
-    if _ADDRESS_SPECIALS.search(value):
+    if _ADDRESS_SPECIALS.search(value):  # nested comments, quoted pairs
         return None
-    if "<" not in value and ">" not in value:
+    groups = ":" in value or ";" in value
+    if groups:
+        value = value.replace(";", ",")  # ";" ends a group, and the address before it
+    elif "<" not in value and ">" not in value:
         if '"' in value or _INNER_SPACE.search(value):
             return None
         return [address for address in (part.strip() for part in value.split(",")) if address]
     found: list[str] = []
-    for element in value.split(","):
+    for part in value.split(","):
+        element = part
+        if groups and ":" in part:  # "group name: first member"
+            head, _, element = part.rpartition(":")
+            if "<" in head or ">" in head:  # a route (<@a,@b:c@d>): the tokenizer's
+                return None
         if "<" in element:
             name, _, rest = element.partition("<")
             address, closed, tail = rest.partition(">")
@@ -472,6 +484,10 @@ def _simple_address_list(value: str) -> list[str] | None:
         if address:
             found.append(address)
     return found
+
+
+def _blank_quoted_or_comment(match: re.Match[str]) -> str:
+    return '""' if match.group(1) else ""
 
 
 def _parse_address_list(value: str, found: list[str]) -> None:
