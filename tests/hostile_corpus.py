@@ -426,6 +426,24 @@ def hostile_emails(
         fields=_replace(_message(topic, m), "Content-Type", content_type),
         payload=payload,
     )
+    m = mid("mp8bit")
+    add(
+        "multipart_with_an_8bit_utf8_text_part",
+        None,
+        None,
+        mid=m,
+        body="café crème\nfrom a mail client",
+        fields=_replace(
+            _message(topic, m), "Content-Type", b'multipart/alternative; boundary="b8"'
+        ),
+        payload=(
+            b"--b8\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+            + "café crème\r\nfrom a mail client".encode()
+            + b"\r\n--b8\r\nContent-Type: text/html\r\n\r\n<p>caf\xc3\xa9</p>\r\n--b8--\r\n"
+        ),
+        note="valid: it was refused as malformed before",
+    )
     m = mid("mp_no_text")
     add(
         "multipart_without_text_plain",
@@ -452,6 +470,25 @@ def hostile_emails(
         mid=m,
         fields=_replace(_message(topic, m), "Content-Transfer-Encoding", b"base64"),
         payload=b"abcde\r\n",
+    )
+    m = mid("cte100k")
+    add(
+        "transfer_encoding_name_of_100_kb",
+        None,
+        malformed,
+        mid=m,
+        fields=_replace(_message(topic, m), "Content-Transfer-Encoding", b"x" * 100_000),
+        note="the error quotes the name: it must be cut short before it reaches the log",
+    )
+    m = mid("charset100k")
+    add(
+        "charset_name_of_100_kb",
+        None,
+        malformed,
+        mid=m,
+        fields=_replace(
+            _message(topic, m), "Content-Type", b"text/plain; charset=" + b"c" * 100_000
+        ),
     )
     m = mid("uuencode")
     add(

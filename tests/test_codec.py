@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from emailmw.errors import InvalidMessageError
 from emailmw.transport.codec import (
+    MAX_ERROR_LENGTH,
     TRANSPORT_HEADERS,
     MalformedEmailError,
     decode_email,
@@ -457,6 +458,31 @@ def test_multipart_alternative_takes_the_first_text_plain() -> None:
     assert decoded(raw).content.body == "héllo\r\nthere"
 
 
+@pytest.mark.parametrize(
+    ("charset", "encoding", "payload", "body"),
+    [
+        ("utf-8", "8bit", "café crème\r\nline 2".encode(), "café crème\nline 2"),
+        ("iso-8859-1", "8bit", "café".encode("latin-1"), "café"),
+        ("utf-8", "", "naïve".encode(), "naïve"),
+        ("utf-8", "quoted-printable", b"caf=C3=A9 =\r\nsoft\r\nx", "café soft\nx"),
+        ("utf-8", "base64", b"Y2Fmw6k=", "café"),
+    ],
+    ids=["utf8_8bit", "latin1_8bit", "no_encoding", "quoted_printable", "base64"],
+)
+def test_multipart_text_part_in_any_transfer_encoding(
+    charset: str, encoding: str, payload: bytes, body: str
+) -> None:
+    """An 8-bit text/plain part inside a multipart email (what mail clients send) is
+    read from its exact bytes (it used to be refused as malformed)."""
+    cte = f"Content-Transfer-Encoding: {encoding}\r\n".encode() if encoding else b""
+    raw = (
+        FOREIGN + b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n" + cte + b"\r\n"
+        + payload + b"\r\n--b\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--b--\r\n"
+    )  # fmt: skip
+    assert decoded(raw).content.body == body
+
+
 def test_mbox_from_line_is_skipped() -> None:
     raw = b"From alice@example.test Wed Jan  1 00:00:00 2025\n" + lf(encode_email(make_email()))
     assert decoded(raw).content.body == "hello"
@@ -516,6 +542,26 @@ GOOD_HEAD = b"From: a@example.test\r\nSubject: /t\r\nMessage-ID: <1@example.test
 def test_broken_emailmw_email_is_malformed(raw: bytes, message: str) -> None:
     with pytest.raises(MalformedEmailError, match=message):
         decode_email(raw)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"Content-Transfer-Encoding: " + b"x" * 100_000,
+        b"Content-Type: text/plain; charset=" + b"y" * 100_000,
+        b"Content-Type: image/" + b"z" * 100_000,
+        b"Publisher-GID: " + b"9" * 100_000,
+    ],
+    ids=["transfer_encoding", "charset", "content_type", "metadata_value"],
+)
+def test_malformed_email_errors_stay_short(field: bytes) -> None:
+    """The receiver logs the error: 100 KB of a sender's junk must not reach the log."""
+    raw = FOREIGN.replace(b"publisher-gid: 2\r\n", b"") + field + b"\r\n\r\nbody"
+    with pytest.raises(MalformedEmailError) as info:
+        decode_email(raw)
+    message = str(info.value)
+    assert len(message) <= MAX_ERROR_LENGTH + 40, len(message)
+    assert message.split(maxsplit=1)[0] in {"unsupported", "cannot", "invalid"}, message[:80]
 
 
 # ----------------------------------------------------------------------------- header-heavy emails

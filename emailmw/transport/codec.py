@@ -54,6 +54,7 @@ Decoding contract
 from __future__ import annotations
 
 import binascii
+import copy
 import re
 import uuid
 from collections.abc import Iterable
@@ -81,6 +82,7 @@ from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailR
 from emailmw.validation import TRANSPORT_HEADERS, is_transport_header, unencodable_character
 
 __all__ = [
+    "MAX_ERROR_LENGTH",
     "TRANSPORT_HEADERS",
     "MalformedEmailError",
     "decode_email",
@@ -95,8 +97,21 @@ __all__ = [
 class MalformedEmailError(ValueError):
     """An email that carries emailmw metadata headers but cannot be decoded.
 
-    The message says what is wrong.
+    The message says what is wrong, in at most :data:`MAX_ERROR_LENGTH`
+    characters: it quotes what the sender wrote (a charset or transfer-encoding
+    name, ...), and a hostile sender must not be able to flood the log with it.
     """
+
+    def __init__(self, message: str) -> None:
+        if len(message) > MAX_ERROR_LENGTH:
+            cut = len(message) - MAX_ERROR_LENGTH
+            message = f"{message[:MAX_ERROR_LENGTH]}... ({cut} more characters)"
+        super().__init__(message)
+
+
+#: Longest message of a :class:`MalformedEmailError`, in characters (before the
+#: "... (N more characters)" that says it was cut).
+MAX_ERROR_LENGTH = 300
 
 
 # RFC 5322 field name: printable ASCII except ":".
@@ -561,6 +576,20 @@ def _decode_payload(payload: bytes, encoding: str, charset: str | None) -> str:
     raise MalformedEmailError(f"unsupported Content-Transfer-Encoding {encoding!r}")
 
 
+def _raw_payload(part: Message) -> bytes:
+    """A MIME leaf's payload: the bytes the email held, before any transfer decoding.
+
+    ``get_payload(decode=False)`` would decode 8-bit text with the part's
+    charset (replacing what does not decode); ``get_payload(decode=True)``
+    returns the bytes unchanged when there is no transfer encoding to undo, so
+    it is asked on a copy without the Content-Transfer-Encoding header.
+    """
+    bare = copy.copy(part)
+    del bare["Content-Transfer-Encoding"]
+    payload = bare.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
 def _decode_body(raw: bytes, body: bytes, fields: dict[str, str]) -> str:
     holder = _content_type(fields.get("content-type"))
     content_type = holder.get_content_type()
@@ -573,11 +602,8 @@ def _decode_body(raw: bytes, body: bytes, fields: dict[str, str]) -> str:
                 and part.get_content_type() == "text/plain"
                 and part.get_content_disposition() != "attachment"
             ):
-                payload = part.get_payload(decode=False)
-                if not isinstance(payload, str):
-                    break
                 return _decode_payload(
-                    payload.encode("ascii", "surrogateescape"),
+                    _raw_payload(part),
                     str(part.get("Content-Transfer-Encoding", "")).strip().lower(),
                     part.get_content_charset(),
                 )
