@@ -7,7 +7,8 @@ The tree::
     ├── ContextError                 context not initialized, or already shut down
     ├── InvalidNameError             (also ValueError) bad topic/service name
     ├── InvalidHeaderError           (also ValueError) bad additional header
-    ├── InvalidMessageError          (also ValueError) payload that cannot be sent
+    ├── InvalidMessageError          (also ValueError) payload that cannot be sent or read
+    │   └── MessageTypeError         (also TypeError) a value not of the declared type
     ├── GuardConditionInUseError     guard condition already in another wait set
     ├── WaitTimeoutError             (also TimeoutError) a wait_for_* timed out
     ├── UnknownRequestError          (also KeyError) response to an unknown request id
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidHeaderError",
     "InvalidMessageError",
     "InvalidNameError",
+    "MessageTypeError",
     "RecipientsRefusedError",
     "SmtpError",
     "TlsError",
@@ -81,6 +83,12 @@ class InvalidMessageError(EmailmwError, ValueError):
     lone surrogate (``"a\\ud800b"``), which UTF-8, and so the wire format,
     cannot carry.
     """
+
+
+class MessageTypeError(InvalidMessageError, TypeError):
+    """A message, request or response is not a value of the type its publisher,
+    client or server was made with (``str`` unless given). Also a
+    :class:`TypeError`."""
 
 
 class GuardConditionInUseError(EmailmwError):

@@ -18,17 +18,28 @@ header                      value
                             it is not this number less one, that is when a
                             ``publish()`` in between raised (0: none was
                             accepted yet; emailmw only)
+``Message-Type``            what the body holds when it is not plain text:
+                            ``bytes`` (base64) or ``json; type=<name>``
+                            (emailmw only; see :mod:`emailmw.serialization`)
 =========================== ============================================
+
+Every other header a sender set (``additional_headers``) reaches the receiver
+in :attr:`MessageInfo.headers` / :attr:`ServiceInfo.headers`.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Generic, TypeVar
 
 __all__ = [
     "HEADER_CLIENT_GID",
+    "HEADER_MESSAGE_TYPE",
+    "HEADER_SIGNATURE",
     "HEADER_PREVIOUS_NUMBER",
     "HEADER_PREVIOUS_TIMESTAMP",
     "HEADER_PUBLICATION_NUMBER",
@@ -36,13 +47,17 @@ __all__ = [
     "HEADER_SEQUENCE_NUMBER",
     "HEADER_SOURCE_TIMESTAMP",
     "METADATA_HEADERS",
+    "OWN_HEADERS",
     "Gid",
     "MessageInfo",
     "ServiceInfo",
     "ServiceRequest",
     "ServiceRequestId",
     "Timestamp",
+    "additional_headers",
 ]
+
+T = TypeVar("T")
 
 HEADER_SOURCE_TIMESTAMP = "Source-Timestamp"
 HEADER_PUBLISHER_GID = "Publisher-GID"
@@ -64,6 +79,22 @@ METADATA_HEADERS = frozenset(
         HEADER_PREVIOUS_NUMBER,
     )
 )
+
+HEADER_MESSAGE_TYPE = "Message-Type"
+HEADER_SIGNATURE = "Emailmw-Signature"
+#: Every header name emailmw writes itself (lower case): the metadata, the body's
+#: type and the signature. The rest of a received email's headers are "additional".
+OWN_HEADERS = METADATA_HEADERS | {HEADER_MESSAGE_TYPE.lower(), HEADER_SIGNATURE.lower()}
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+def additional_headers(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> Mapping[str, str]:
+    """The headers of a received email that its sender added (a read-only mapping):
+    all but :data:`OWN_HEADERS`."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    extra = {name: value for name, value in items if name.lower() not in OWN_HEADERS}
+    return MappingProxyType(extra) if extra else _NO_HEADERS
+
 
 _GID_MAX = 2**32 - 1
 _INT64_MIN = -(2**63)
@@ -150,6 +181,8 @@ class MessageInfo:
     source_timestamp: Timestamp
     received_timestamp: Timestamp
     publisher_gid: Gid
+    #: the headers the publisher added (``additional_headers``), read-only
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +196,8 @@ class ServiceInfo:
     received_timestamp: Timestamp
     client_gid: Gid
     sequence_number: int
+    #: the headers the client or server added (``additional_headers``), read-only
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +209,9 @@ class ServiceRequestId:
 
 
 @dataclass(frozen=True, slots=True)
-class ServiceRequest:
-    """A request as a service server sees it: its id and its content."""
+class ServiceRequest(Generic[T]):
+    """A request as a service server sees it: its id and its content (a ``str``
+    unless the server has another request type)."""
 
     id: ServiceRequestId
-    content: str
+    content: T

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from typing import Any, Generic, TypeVar, overload
 
 from emailmw.context import Context
 from emailmw.entity import Entity, check_depth
+from emailmw.errors import InvalidMessageError
 from emailmw.info import (
     HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
@@ -18,15 +21,20 @@ from emailmw.info import (
     HEADER_SOURCE_TIMESTAMP,
     MessageInfo,
 )
+from emailmw.serialization import HEADER_MESSAGE_TYPE, Serializer, serializer_for
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailHeaders
-from emailmw.validation import validate_headers, validate_payload
+from emailmw.validation import validate_headers
 from emailmw.waitable import Waitable
 
 __all__ = ["Publisher", "Subscription"]
 
+logger = logging.getLogger(__name__)
 
-class Publisher(Entity):
+T = TypeVar("T")
+
+
+class Publisher(Entity, Generic[T]):
     """Publishes messages on one topic: each message is one email.
 
     The email's subject is the topic name and its body the message; the
@@ -35,11 +43,30 @@ class Publisher(Entity):
     this publisher's order when the mail system reorders messages. After a
     ``publish()`` that raised, the next message also names the last accepted one
     (``Previous-Number``), so that subscribers do not wait for the failed one.
+
+    ``message_type`` is ``str`` (the default), ``bytes`` or anything pydantic
+    can validate (see :mod:`emailmw.serialization`).
     """
 
     _kind = "topic"
 
-    def __init__(self, topic_name: str, *, context: Context | None = None) -> None:
+    @overload
+    def __init__(
+        self: Publisher[str], topic_name: str, *, context: Context | None = None
+    ) -> None: ...
+    @overload
+    def __init__(
+        self, topic_name: str, message_type: type[T], *, context: Context | None = None
+    ) -> None: ...
+    @overload
+    def __init__(
+        self, topic_name: str, message_type: Any, *, context: Context | None = None
+    ) -> None: ...
+    def __init__(
+        self, topic_name: str, message_type: Any = str, *, context: Context | None = None
+    ) -> None:
+        self._serializer: Serializer[T] = serializer_for(message_type)
+        self._message_type = message_type
         self._setup(topic_name, context)
         self._gid_text = self._gid.to_string()
         self._numbers = itertools.count(1)
@@ -52,17 +79,23 @@ class Publisher(Entity):
         """The topic."""
         return self._name
 
-    def publish(self, message: str, additional_headers: Mapping[str, str] | None = None) -> None:
+    @property
+    def message_type(self) -> Any:
+        """The type of the messages (``str`` unless given)."""
+        return self._message_type
+
+    def publish(self, message: T, additional_headers: Mapping[str, str] | None = None) -> None:
         """Send ``message``; returns once the transport accepted it.
 
         ``additional_headers`` are extra email headers (validated; emailmw's own
-        and structural headers are reserved). Raises
-        :class:`~emailmw.InvalidHeaderError` or :class:`TypeError` before
-        anything is sent, :class:`~emailmw.TransportError` if sending failed.
+        and structural headers are reserved; subscribers read them in
+        :attr:`MessageInfo.headers`). Raises :class:`~emailmw.InvalidMessageError`
+        (a value that is not of the message type, or that cannot be carried),
+        :class:`~emailmw.InvalidHeaderError` before anything is sent,
+        :class:`~emailmw.TransportError` if sending failed.
         """
-        if not isinstance(message, str):
-            raise TypeError(f"message must be a str, got {type(message).__name__}")
-        validate_payload(message, "message")
+        serializer = self._serializer
+        body = serializer.dump(message, "message")
         context = self._context
         context._check()
         headers = EmailHeaders()
@@ -70,7 +103,9 @@ class Publisher(Entity):
             for name, value in validate_headers(additional_headers).items():
                 headers[name] = value
         headers[HEADER_PUBLISHER_GID] = self._gid_text
-        content = EmailContent(self._name, message)
+        if serializer.header is not None:
+            headers[HEADER_MESSAGE_TYPE] = serializer.header
+        content = EmailContent(self._name, body, serializer.media_type)
         with self._numbers_lock:  # numbered and stamped in the order they are sent
             stamp = time.time_ns()
             number = next(self._numbers)
@@ -88,24 +123,59 @@ class Publisher(Entity):
             self._accepted = (number, stamp)
 
 
-class Subscription(Entity, Waitable):
+class Subscription(Entity, Waitable, Generic[T]):
     """Receives the messages published on one topic, in arrival order.
 
     Messages wait in a bounded queue of ``depth`` entries (default: the
     ``queue-depth`` option); when it is full the oldest message is dropped and
-    counted in :meth:`Context.stats` as ``queue_full``.
+    counted in :meth:`Context.stats` as ``queue_full``. With a ``message_type``
+    other than ``str``, each message is validated as it arrives; one that does
+    not validate is dropped, logged and counted as ``invalid_message``.
     """
 
-    __slots__ = ("_closed", "_context", "_depth", "_gid", "_name", "_queue")
     _kind = "topic"
 
+    @overload
     def __init__(
-        self, topic_name: str, *, depth: int | None = None, context: Context | None = None
+        self: Subscription[str],
+        topic_name: str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        topic_name: str,
+        message_type: type[T],
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        topic_name: str,
+        message_type: Any,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        topic_name: str,
+        message_type: Any = str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
     ) -> None:
         Waitable.__init__(self)
+        self._serializer: Serializer[T] = serializer_for(message_type)
+        self._plain = message_type is str
+        self._message_type = message_type
         self._setup(topic_name, context)
         self._depth = check_depth(depth, self._context)
-        self._queue: deque[tuple[str, MessageInfo]] = deque()
+        self._queue: deque[tuple[T, MessageInfo]] = deque()
         self._context._register_waitable(self)
         self._context._delivery.register_subscription(self._name, self)
 
@@ -113,6 +183,11 @@ class Subscription(Entity, Waitable):
     def topic_name(self) -> str:
         """The topic."""
         return self._name
+
+    @property
+    def message_type(self) -> Any:
+        """The type of the messages (``str`` unless given)."""
+        return self._message_type
 
     @property
     def depth(self) -> int:
@@ -124,12 +199,12 @@ class Subscription(Entity, Waitable):
         self._context._check()
         return bool(self._queue)
 
-    def get_message(self) -> str | None:
+    def get_message(self) -> T | None:
         """Take the oldest waiting message, or ``None`` if there is none. Never blocks."""
         item = self.get_message_with_info()
         return None if item is None else item[0]
 
-    def get_message_with_info(self) -> tuple[str, MessageInfo] | None:
+    def get_message_with_info(self) -> tuple[T, MessageInfo] | None:
         """Take the oldest waiting message and its metadata, or ``None``."""
         self._context._check()
         with self._lock:
@@ -147,12 +222,28 @@ class Subscription(Entity, Waitable):
     def _is_ready(self) -> bool:
         return self.has_message()
 
-    def _push_message(self, message: str, info: MessageInfo) -> None:
+    def _push_message(self, body: str, message_type: str | None, info: MessageInfo) -> bool:
+        """Queue a received message; False if it does not validate (dropped, counted)."""
+        if self._plain:
+            value: Any = body
+        else:
+            try:
+                value = self._serializer.load(body, message_type)
+            except InvalidMessageError as exc:
+                logger.warning(
+                    "dropping a message on %r from publisher %d: %s",
+                    self._name[:80],
+                    info.publisher_gid.value,
+                    exc,
+                )
+                self._context._counters.drop(DropReason.INVALID_MESSAGE)
+                return False
         with self._lock:
             queue = self._queue
             if len(queue) >= self._depth:
                 queue.popleft()
                 self._context._counters.drop(DropReason.QUEUE_FULL)
-            queue.append((message, info))
+            queue.append((value, info))
             for waiter in self._waiters:
                 waiter.set()
+        return True

@@ -12,10 +12,12 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar, overload
 
 from emailmw.context import Context
 from emailmw.entity import Entity, check_depth
-from emailmw.errors import UnknownRequestError
+from emailmw.errors import InvalidMessageError, UnknownRequestError
 from emailmw.info import (
     HEADER_CLIENT_GID,
     HEADER_SEQUENCE_NUMBER,
@@ -25,9 +27,10 @@ from emailmw.info import (
     ServiceRequest,
     ServiceRequestId,
 )
+from emailmw.serialization import HEADER_MESSAGE_TYPE, Serializer, serializer_for
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
-from emailmw.validation import validate_payload
+from emailmw.validation import validate_headers
 from emailmw.waitable import Waitable
 
 __all__ = ["ServiceClient", "ServiceServer"]
@@ -41,45 +44,104 @@ MAX_PENDING_REQUESTS = 100_000
 MIN_UNANSWERED_KEPT = 1_000
 
 
-def _service_headers(client_gid: Gid, sequence_number: int) -> EmailHeaders:
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _service_headers(
+    client_gid: Gid,
+    sequence_number: int,
+    serializer: Serializer[Any],
+    additional_headers: Mapping[str, str] | None,
+) -> EmailHeaders:
     headers = EmailHeaders()
+    if additional_headers:
+        for name, value in validate_headers(additional_headers).items():
+            headers[name] = value
     headers[HEADER_SOURCE_TIMESTAMP] = str(time.time_ns())
     headers[HEADER_CLIENT_GID] = client_gid.to_string()
     headers[HEADER_SEQUENCE_NUMBER] = str(sequence_number)
+    if serializer.header is not None:
+        headers[HEADER_MESSAGE_TYPE] = serializer.header
     return headers
 
 
-class ServiceClient(Entity, Waitable):
+def _load(
+    serializer: Serializer[Any], plain: bool, body: str, message_type: str | None, what: str
+) -> tuple[bool, Any]:
+    """``(True, value)``, or ``(False, None)`` after logging why ``body`` is invalid."""
+    if plain:
+        return True, body
+    try:
+        return True, serializer.load(body, message_type)
+    except InvalidMessageError as exc:
+        logger.warning("dropping %s: %s", what, exc)
+        return False, None
+
+
+class ServiceClient(Entity, Waitable, Generic[Req, Resp]):
     """Sends requests to a service and collects the responses.
 
     :meth:`send_request` returns a sequence number unique to this client;
     responses are kept by sequence number (up to ``depth`` of them, the oldest
     dropped beyond that) until taken with :meth:`get_response`.
+    ``request_type`` and ``response_type`` are ``str`` (the default), ``bytes``
+    or anything pydantic can validate (see :mod:`emailmw.serialization`); a
+    response that does not validate is dropped and counted as
+    ``invalid_message`` (its request stays pending).
     """
 
-    __slots__ = (
-        "_closed",
-        "_context",
-        "_depth",
-        "_gid",
-        "_name",
-        "_next_sequence_number",
-        "_pending",
-        "_responses",
-        "_sequence",
-    )
     _kind = "service"
 
+    @overload
     def __init__(
-        self, service_name: str, *, depth: int | None = None, context: Context | None = None
+        self: ServiceClient[str, str],
+        service_name: str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        service_name: str,
+        request_type: type[Req],
+        response_type: type[Resp],
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        service_name: str,
+        request_type: Any = str,
+        response_type: Any = str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        service_name: str,
+        request_type: Any = str,
+        response_type: Any = str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
     ) -> None:
         Waitable.__init__(self)
+        self._request_serializer: Serializer[Req] = serializer_for(request_type)
+        self._response_serializer: Serializer[Resp] = serializer_for(response_type)
+        self._plain_responses = response_type is str
+        self._request_type = request_type
+        self._response_type = response_type
         self._setup(service_name, context)
         self._depth = check_depth(depth, self._context)
         self._sequence = itertools.count(1)
         self._next_sequence_number = 1
         self._pending: OrderedDict[int, None] = OrderedDict()
-        self._responses: dict[int, tuple[str, ServiceInfo]] = {}
+        self._responses: dict[int, tuple[Resp, ServiceInfo]] = {}
         self._context._register_waitable(self)
         delivery = self._context._delivery
         while not delivery.register_service_client(self._gid, self):
@@ -90,12 +152,26 @@ class ServiceClient(Entity, Waitable):
         """The service."""
         return self._name
 
-    def send_request(self, request: str) -> int:
+    @property
+    def request_type(self) -> Any:
+        """The type of the requests (``str`` unless given)."""
+        return self._request_type
+
+    @property
+    def response_type(self) -> Any:
+        """The type of the responses (``str`` unless given)."""
+        return self._response_type
+
+    def send_request(
+        self, request: Req, additional_headers: Mapping[str, str] | None = None
+    ) -> int:
         """Send ``request``; return its sequence number. Returns once the transport
-        accepted it."""
-        if not isinstance(request, str):
-            raise TypeError(f"request must be a str, got {type(request).__name__}")
-        validate_payload(request, "request")
+        accepted it.
+
+        Raises :class:`~emailmw.InvalidMessageError` (not a value of the request
+        type) or :class:`~emailmw.InvalidHeaderError` before anything is sent.
+        """
+        body = self._request_serializer.dump(request, "request")
         context = self._context
         context._check()
         sequence_number = next(self._sequence)
@@ -106,8 +182,10 @@ class ServiceClient(Entity, Waitable):
                 self._pending.popitem(last=False)
         try:
             context._send(
-                EmailContent(self._name, request),
-                _service_headers(self._gid, sequence_number),
+                EmailContent(self._name, body, self._request_serializer.media_type),
+                _service_headers(
+                    self._gid, sequence_number, self._request_serializer, additional_headers
+                ),
             )
         except BaseException:
             with self._lock:
@@ -122,14 +200,14 @@ class ServiceClient(Entity, Waitable):
             return bool(self._responses)
         return sequence_number in self._responses
 
-    def get_response(self, sequence_number: int) -> str | None:
+    def get_response(self, sequence_number: int) -> Resp | None:
         """Take the response to ``sequence_number``, or ``None`` if it has not arrived."""
         item = self.get_response_with_info(sequence_number)
         return None if item is None else item[0]
 
     def get_response_with_info(
         self, sequence_number: int | None = None
-    ) -> tuple[str, ServiceInfo] | None:
+    ) -> tuple[Resp, ServiceInfo] | None:
         """Take the response to ``sequence_number`` (or the oldest waiting response
         when ``None``) with its metadata, or ``None``."""
         self._context._check()
@@ -152,9 +230,23 @@ class ServiceClient(Entity, Waitable):
     def _is_ready(self) -> bool:
         return self.has_response()
 
-    def _push_response(self, message: str, info: ServiceInfo) -> bool:
-        """Keep a response; False if it was dropped (a duplicate, or never requested)."""
+    def _push_response(self, body: str, message_type: str | None, info: ServiceInfo) -> bool:
+        """Keep a response; False if it was dropped (a duplicate, never requested, or
+        not a valid response)."""
         counters = self._context._counters
+        if info.sequence_number in self._pending:
+            valid, message = _load(
+                self._response_serializer,
+                self._plain_responses,
+                body,
+                message_type,
+                f"response {info.sequence_number} on {self._name[:80]!r}",
+            )
+            if not valid:
+                counters.drop(DropReason.INVALID_MESSAGE)
+                return False
+        else:
+            message = body  # dropped below, whatever it holds
         with self._lock:
             if info.sequence_number not in self._pending:
                 # Numbers this client handed out already were answered before (or
@@ -173,23 +265,63 @@ class ServiceClient(Entity, Waitable):
         return True
 
 
-class ServiceServer(Entity, Waitable):
+class ServiceServer(Entity, Waitable, Generic[Req, Resp]):
     """Receives requests for a service and sends responses back.
 
     Requests wait in a bounded queue of ``depth`` entries (the oldest dropped
     beyond that). Answer each one with :meth:`send_response` and its id.
+    ``request_type`` and ``response_type`` as for :class:`ServiceClient`; a
+    request that does not validate is dropped and counted as ``invalid_message``.
     """
 
-    __slots__ = ("_closed", "_context", "_depth", "_gid", "_name", "_originals", "_queue")
     _kind = "service"
 
+    @overload
     def __init__(
-        self, service_name: str, *, depth: int | None = None, context: Context | None = None
+        self: ServiceServer[str, str],
+        service_name: str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        service_name: str,
+        request_type: type[Req],
+        response_type: type[Resp],
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        service_name: str,
+        request_type: Any = str,
+        response_type: Any = str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        service_name: str,
+        request_type: Any = str,
+        response_type: Any = str,
+        *,
+        depth: int | None = None,
+        context: Context | None = None,
     ) -> None:
         Waitable.__init__(self)
+        self._request_serializer: Serializer[Req] = serializer_for(request_type)
+        self._response_serializer: Serializer[Resp] = serializer_for(response_type)
+        self._plain_requests = request_type is str
+        self._request_type = request_type
+        self._response_type = response_type
         self._setup(service_name, context)
         self._depth = check_depth(depth, self._context)
-        self._queue: deque[tuple[ServiceRequest, ServiceInfo]] = deque()
+        self._queue: deque[tuple[ServiceRequest[Req], ServiceInfo]] = deque()
         self._originals: OrderedDict[ServiceRequestId, EmailData] = OrderedDict()
         self._context._register_waitable(self)
         self._context._delivery.register_service_server(self._name, self)
@@ -199,36 +331,50 @@ class ServiceServer(Entity, Waitable):
         """The service."""
         return self._name
 
+    @property
+    def request_type(self) -> Any:
+        """The type of the requests (``str`` unless given)."""
+        return self._request_type
+
+    @property
+    def response_type(self) -> Any:
+        """The type of the responses (``str`` unless given)."""
+        return self._response_type
+
     def has_request(self) -> bool:
         """True if a request is waiting."""
         self._context._check()
         return bool(self._queue)
 
-    def get_request(self) -> ServiceRequest | None:
+    def get_request(self) -> ServiceRequest[Req] | None:
         """Take the oldest waiting request, or ``None``."""
         item = self.get_request_with_info()
         return None if item is None else item[0]
 
-    def get_request_with_info(self) -> tuple[ServiceRequest, ServiceInfo] | None:
+    def get_request_with_info(self) -> tuple[ServiceRequest[Req], ServiceInfo] | None:
         """Take the oldest waiting request with its metadata, or ``None``."""
         self._context._check()
         with self._lock:
             return self._queue.popleft() if self._queue else None
 
-    def send_response(self, request_id: ServiceRequestId, response: str) -> None:
+    def send_response(
+        self,
+        request_id: ServiceRequestId,
+        response: Resp,
+        additional_headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Reply to the request ``request_id`` with ``response``.
 
         Raises :class:`~emailmw.UnknownRequestError` if this server has no such
-        request waiting for an answer (never received, or answered already), and
-        :class:`TypeError` if an argument is not of its type.
+        request waiting for an answer (never received, or answered already),
+        :class:`~emailmw.InvalidMessageError` if ``response`` is not a value of
+        the response type, and :class:`TypeError` if ``request_id`` is not one.
         """
-        if not isinstance(response, str):
-            raise TypeError(f"response must be a str, got {type(response).__name__}")
+        body = self._response_serializer.dump(response, "response")
         if not isinstance(request_id, ServiceRequestId):
             raise TypeError(
                 f"request_id must be a ServiceRequestId, got {type(request_id).__name__}"
             )
-        validate_payload(response, "response")
         context = self._context
         context._check()
         with self._lock:
@@ -241,9 +387,14 @@ class ServiceServer(Entity, Waitable):
             )
         try:
             context._reply(
-                EmailContent(self._name, response),
+                EmailContent(self._name, body, self._response_serializer.media_type),
                 original,
-                _service_headers(request_id.client_gid, request_id.sequence_number),
+                _service_headers(
+                    request_id.client_gid,
+                    request_id.sequence_number,
+                    self._response_serializer,
+                    additional_headers,
+                ),
             )
         except BaseException:
             with self._lock:
@@ -262,13 +413,24 @@ class ServiceServer(Entity, Waitable):
     def _is_ready(self) -> bool:
         return self.has_request()
 
-    def _push_request(self, email: EmailData, info: ServiceInfo) -> None:
+    def _push_request(self, email: EmailData, info: ServiceInfo) -> bool:
         request_id = ServiceRequestId(info.sequence_number, info.client_gid)
-        request = ServiceRequest(request_id, email.content.body)
+        valid, content = _load(
+            self._request_serializer,
+            self._plain_requests,
+            email.content.body,
+            email.headers.get(HEADER_MESSAGE_TYPE),
+            f"request {info.sequence_number} of client {info.client_gid.value} "
+            f"on {self._name[:80]!r}",
+        )
+        if not valid:
+            self._context._counters.drop(DropReason.INVALID_MESSAGE)
+            return False
+        request: ServiceRequest[Req] = ServiceRequest(request_id, content)
         with self._lock:
             if request_id in self._originals:
                 self._context._counters.drop(DropReason.DUPLICATE)
-                return
+                return False
             if len(self._queue) >= self._depth:
                 dropped, _ = self._queue.popleft()
                 self._originals.pop(dropped.id, None)
@@ -280,3 +442,4 @@ class ServiceServer(Entity, Waitable):
                 self._originals.popitem(last=False)
             for waiter in self._waiters:
                 waiter.set()
+        return True

@@ -23,6 +23,7 @@ class DropReason(enum.Enum):
     TOO_LARGE = "too_large"  #: bigger than ``max-message-size``
     QUEUE_FULL = "queue_full"  #: an entity's queue was full; the oldest entry was dropped
     DUPLICATE = "duplicate"  #: the same Message-ID or response was delivered already
+    INVALID_MESSAGE = "invalid_message"  #: the body does not validate as the receiver's type
     UNMATCHED = "unmatched"  #: no subscription, server or client wanted it
     #: skipped, without downloading its body, by the re-read of a folder whose
     #: UIDVALIDITY changed: handled before, or older than the receiver can vouch for

@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Mapping
 
 from emailmw.errors import InvalidHeaderError, InvalidMessageError, InvalidNameError
-from emailmw.info import METADATA_HEADERS
+from emailmw.info import OWN_HEADERS
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -58,7 +58,7 @@ _TRANSPORT_PREFIXES = ("content-", "resent-", "arc-")
 
 #: Header names user code may not set: emailmw's metadata and signature headers,
 #: and every transport header (see :func:`is_transport_header`).
-RESERVED_HEADERS = METADATA_HEADERS | TRANSPORT_HEADERS | frozenset({"emailmw-signature"})
+RESERVED_HEADERS = OWN_HEADERS | TRANSPORT_HEADERS
 
 
 def is_transport_header(name: str) -> bool:

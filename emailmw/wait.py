@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from emailmw.context import Context
 from emailmw.errors import GuardConditionInUseError, WaitTimeoutError
@@ -19,6 +19,10 @@ from emailmw.pubsub import Subscription
 from emailmw.service import ServiceClient, ServiceServer
 from emailmw.timeout import Timeout, to_seconds
 from emailmw.waitable import Waitable, block_until
+
+T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 __all__ = [
     "GuardCondition",
@@ -88,24 +92,24 @@ class WaitSet:
 
     def __init__(self, *, context: Context | None = None) -> None:
         self._context = context
-        self._subscriptions: list[Subscription] = []
-        self._clients: list[ServiceClient] = []
-        self._servers: list[ServiceServer] = []
+        self._subscriptions: list[Subscription[Any]] = []
+        self._clients: list[ServiceClient[Any, Any]] = []
+        self._servers: list[ServiceServer[Any, Any]] = []
         self._guard_conditions: list[GuardCondition] = []
-        self._ready_subscriptions: list[Subscription] = []
-        self._ready_clients: list[ServiceClient] = []
-        self._ready_servers: list[ServiceServer] = []
+        self._ready_subscriptions: list[Subscription[Any]] = []
+        self._ready_clients: list[ServiceClient[Any, Any]] = []
+        self._ready_servers: list[ServiceServer[Any, Any]] = []
         self._ready_guard_conditions: list[GuardCondition] = []
 
-    def add_subscription(self, subscription: Subscription) -> None:
+    def add_subscription(self, subscription: Subscription[Any]) -> None:
         """Wait for messages on ``subscription`` too."""
         _add_once(self._subscriptions, subscription, Subscription)
 
-    def add_client(self, client: ServiceClient) -> None:
+    def add_client(self, client: ServiceClient[Any, Any]) -> None:
         """Wait for responses to ``client`` too."""
         _add_once(self._clients, client, ServiceClient)
 
-    def add_server(self, server: ServiceServer) -> None:
+    def add_server(self, server: ServiceServer[Any, Any]) -> None:
         """Wait for requests to ``server`` too."""
         _add_once(self._servers, server, ServiceServer)
 
@@ -124,17 +128,17 @@ class WaitSet:
         self._guard_conditions.append(guard_condition)
 
     @property
-    def subscriptions(self) -> list[Subscription]:
+    def subscriptions(self) -> list[Subscription[Any]]:
         """The subscriptions that had a message when the last :meth:`wait` returned."""
         return list(self._ready_subscriptions)
 
     @property
-    def clients(self) -> list[ServiceClient]:
+    def clients(self) -> list[ServiceClient[Any, Any]]:
         """The clients that had a response when the last :meth:`wait` returned."""
         return list(self._ready_clients)
 
     @property
-    def servers(self) -> list[ServiceServer]:
+    def servers(self) -> list[ServiceServer[Any, Any]]:
         """The servers that had a request when the last :meth:`wait` returned."""
         return list(self._ready_servers)
 
@@ -199,9 +203,9 @@ class WaitSet:
 
     def _set_ready(
         self,
-        subs: list[Subscription],
-        clients: list[ServiceClient],
-        servers: list[ServiceServer],
+        subs: list[Subscription[Any]],
+        clients: list[ServiceClient[Any, Any]],
+        servers: list[ServiceServer[Any, Any]],
         guards: list[GuardCondition],
     ) -> None:
         self._ready_subscriptions = subs
@@ -222,8 +226,8 @@ def _describe(timeout: Timeout) -> str:
 
 
 def wait_for_message_with_info(
-    subscription: Subscription, timeout: Timeout = None
-) -> tuple[str, MessageInfo]:
+    subscription: Subscription[T], timeout: Timeout = None
+) -> tuple[T, MessageInfo]:
     """Wait for the next message on ``subscription`` and take it with its metadata.
 
     Raises :class:`~emailmw.WaitTimeoutError` on timeout.
@@ -236,14 +240,14 @@ def wait_for_message_with_info(
     return item
 
 
-def wait_for_message(subscription: Subscription, timeout: Timeout = None) -> str:
+def wait_for_message(subscription: Subscription[T], timeout: Timeout = None) -> T:
     """Wait for the next message on ``subscription`` and take it."""
     return wait_for_message_with_info(subscription, timeout)[0]
 
 
 def wait_for_request_with_info(
-    server: ServiceServer, timeout: Timeout = None
-) -> tuple[ServiceRequest, ServiceInfo]:
+    server: ServiceServer[Req, Resp], timeout: Timeout = None
+) -> tuple[ServiceRequest[Req], ServiceInfo]:
     """Wait for the next request to ``server`` and take it with its metadata.
 
     Raises :class:`~emailmw.WaitTimeoutError` on timeout.
@@ -256,14 +260,16 @@ def wait_for_request_with_info(
     return item
 
 
-def wait_for_request(server: ServiceServer, timeout: Timeout = None) -> ServiceRequest:
+def wait_for_request(
+    server: ServiceServer[Req, Resp], timeout: Timeout = None
+) -> ServiceRequest[Req]:
     """Wait for the next request to ``server`` and take it."""
     return wait_for_request_with_info(server, timeout)[0]
 
 
 def wait_for_response_with_info(
-    sequence_number: int, client: ServiceClient, timeout: Timeout = None
-) -> tuple[str, ServiceInfo]:
+    sequence_number: int, client: ServiceClient[Req, Resp], timeout: Timeout = None
+) -> tuple[Resp, ServiceInfo]:
     """Wait for the response to request ``sequence_number`` of ``client`` and take it
     with its metadata (other responses that arrive meanwhile stay queued).
 
@@ -280,6 +286,8 @@ def wait_for_response_with_info(
     return item
 
 
-def wait_for_response(sequence_number: int, client: ServiceClient, timeout: Timeout = None) -> str:
+def wait_for_response(
+    sequence_number: int, client: ServiceClient[Req, Resp], timeout: Timeout = None
+) -> Resp:
     """Wait for the response to request ``sequence_number`` of ``client`` and take it."""
     return wait_for_response_with_info(sequence_number, client, timeout)[0]

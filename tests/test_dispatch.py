@@ -96,13 +96,14 @@ class FakeSubscription:
         self.fail_on = fail_on
         self._cond = threading.Condition()
 
-    def _push_message(self, message: str, info: MessageInfo) -> None:
+    def _push_message(self, message: str, message_type: str | None, info: MessageInfo) -> bool:
         if message == self.fail_on:
             raise RuntimeError("subscription exploded")
         with self._cond:
             self.messages.append((message, info))
             self.threads.add(threading.current_thread().name)
             self._cond.notify_all()
+        return True
 
     @property
     def bodies(self) -> list[str]:
@@ -119,8 +120,9 @@ class FakeServer:
     def __init__(self) -> None:
         self.requests: list[tuple[EmailData, ServiceInfo]] = []
 
-    def _push_request(self, email: EmailData, info: ServiceInfo) -> None:
+    def _push_request(self, email: EmailData, info: ServiceInfo) -> bool:
         self.requests.append((email, info))
+        return True
 
 
 class FakeClient:
@@ -128,7 +130,7 @@ class FakeClient:
         self.pending = pending
         self.responses: list[tuple[str, ServiceInfo]] = []
 
-    def _push_response(self, message: str, info: ServiceInfo) -> bool:
+    def _push_response(self, message: str, message_type: str | None, info: ServiceInfo) -> bool:
         if self.pending:
             self.responses.append((message, info))
         return self.pending

@@ -3,9 +3,10 @@
 configuration loads and whatever arguments of the right type they are given.
 
 The one documented exception is :class:`TypeError` for an argument of the wrong
-type (a payload that is not a ``str``, a request id that is not a
-``ServiceRequestId``, options that are neither ``Options`` nor a path): a
-programming error, raised before anything is sent. It is checked to be exactly
+type (a request id that is not a ``ServiceRequestId``, options that are neither
+``Options`` nor a path; a payload that is not of the declared type raises
+:class:`~emailmw.MessageTypeError`, both an ``EmailmwError`` and a
+``TypeError``): a programming error, raised before anything is sent. It is checked to be exactly
 that, and only where it is expected.
 
 Each test drives the four calls with hostile-but-loadable configurations (bounds
@@ -110,9 +111,11 @@ class Boundary:
         try:
             return fn()
         except EmailmwError as exc:
-            if wrong_type:
+            # A payload of the wrong type is a MessageTypeError: an EmailmwError
+            # that is also a TypeError.
+            if wrong_type and not isinstance(exc, TypeError):
                 self.leaks.append(f"{what}: {type(exc).__name__} instead of TypeError")
-            self.raised[type(exc).__name__] += 1
+            self.raised["TypeError" if wrong_type else type(exc).__name__] += 1
         except TypeError as exc:
             if not wrong_type:
                 self.leaks.append(f"{what}: TypeError: {str(exc)[:200]}")

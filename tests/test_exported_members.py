@@ -28,6 +28,7 @@ EXPECTED = {
     "InvalidMessageError",
     "InvalidNameError",
     "MessageInfo",
+    "MessageTypeError",
     "Options",
     "Publisher",
     "RecipientsRefusedError",
@@ -67,6 +68,7 @@ ERRORS = [
     "InvalidHeaderError",
     "InvalidMessageError",
     "InvalidNameError",
+    "MessageTypeError",
     "RecipientsRefusedError",
     "SmtpError",
     "TlsError",
@@ -108,6 +110,8 @@ def test_error_tree_and_builtin_bases() -> None:
     assert issubclass(emailmw.InvalidNameError, ValueError)
     assert issubclass(emailmw.InvalidHeaderError, ValueError)
     assert issubclass(emailmw.InvalidMessageError, ValueError)
+    assert issubclass(emailmw.MessageTypeError, emailmw.InvalidMessageError)
+    assert issubclass(emailmw.MessageTypeError, TypeError)
     assert issubclass(emailmw.UnknownRequestError, KeyError)
     for name in ("SmtpError", "ImapError", "AuthenticationError", "TlsError", "ConnectError"):
         assert issubclass(getattr(emailmw, name), emailmw.TransportError)

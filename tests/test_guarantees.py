@@ -375,7 +375,8 @@ def test_every_drop_reason_is_tested_here_or_in_the_queue_tests() -> None:
     # resync_skipped needs a UIDVALIDITY change: tests/test_resync.py
     # replay_memory_full needs millions of emails at the real capacity: it is provoked
     # with a small capacity in tests/test_security.py (test_a_full_replay_memory_...)
-    elsewhere = {"queue_full", "resync_skipped", "replay_memory_full"}
+    # invalid_message: tests/test_typed_messages.py, on both transports
+    elsewhere = {"queue_full", "resync_skipped", "replay_memory_full", "invalid_message"}
     assert {r.value for r in emailmw.DropReason} == set(DROP_CASES) | elsewhere
 
 

@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "emailmw.options": 3,  # reading files and the environment: the context's business
     # 4 entities
     "emailmw.entity": 4,
+    "emailmw.serialization": 4,  # message types: how a typed value becomes a body
     "emailmw.pubsub": 4,
     "emailmw.service": 4,
     # 5 waiting on entities

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from emailmw.dispatch.handlers import (
+    Message,
     MessageSink,
     RequestSink,
     ResponseSink,
@@ -37,7 +38,7 @@ from emailmw.dispatch.handlers import (
     SubscriptionHandler,
 )
 from emailmw.dispatch.ordering import PublicationOrder
-from emailmw.info import Gid, MessageInfo
+from emailmw.info import Gid
 from emailmw.security import AdmissionPolicy
 from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.data import EmailData
@@ -70,7 +71,7 @@ class DeliveryCore:
         self._lock = threading.Lock()
         self._stats = stats
         self._admission = admission if admission is not None and admission.active else None
-        self._order: PublicationOrder[tuple[str, MessageInfo]] = PublicationOrder(
+        self._order: PublicationOrder[Message] = PublicationOrder(
             reorder_window, horizon_ns=horizon_ns, clock=clock
         )
         self._subscriptions = SubscriptionHandler(stats, self._order, reorder_window)

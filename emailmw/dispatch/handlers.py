@@ -20,6 +20,7 @@ from typing import Protocol
 from emailmw.dispatch.ordering import PublicationOrder
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_MESSAGE_TYPE,
     HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
     HEADER_PUBLICATION_NUMBER,
@@ -30,6 +31,7 @@ from emailmw.info import (
     MessageInfo,
     ServiceInfo,
     Timestamp,
+    additional_headers,
     parse_sequence_number,
 )
 from emailmw.stats import DropReason, StatsCounters
@@ -51,22 +53,32 @@ logger = logging.getLogger(__name__)
 REORDER_WINDOW = 5.0
 
 
+#: A message as the order holds it: body, ``Message-Type`` header, metadata.
+Message = tuple[str, "str | None", MessageInfo]
+
+
 class MessageSink(Protocol):
     """What a subscription offers the subscription handler."""
 
-    def _push_message(self, message: str, info: MessageInfo) -> None: ...
+    def _push_message(self, body: str, message_type: str | None, info: MessageInfo) -> bool:
+        """Queue a message; False if the subscription refused it (already counted)."""
+        ...
 
 
 class RequestSink(Protocol):
     """What a service server offers the service handler."""
 
-    def _push_request(self, email: EmailData, info: ServiceInfo) -> None: ...
+    def _push_request(self, email: EmailData, info: ServiceInfo) -> bool:
+        """Queue a request; False if the server refused it (already counted)."""
+        ...
 
 
 class ResponseSink(Protocol):
     """What a service client offers the service handler."""
 
-    def _push_response(self, message: str, info: ServiceInfo) -> bool: ...
+    def _push_response(self, body: str, message_type: str | None, info: ServiceInfo) -> bool:
+        """Keep a response; False if it was dropped (already counted)."""
+        ...
 
 
 class EmailHandler:
@@ -105,7 +117,7 @@ class SubscriptionHandler(EmailHandler):
     def __init__(
         self,
         stats: StatsCounters,
-        order: PublicationOrder[tuple[str, MessageInfo]],
+        order: PublicationOrder[Message],
         reorder_window: float = REORDER_WINDOW,
     ) -> None:
         super().__init__(stats)
@@ -144,8 +156,7 @@ class SubscriptionHandler(EmailHandler):
         if number_text is None:  # not numbered (another implementation): as it comes
             if not wanted:
                 return False
-            info = MessageInfo(stamp, Timestamp(time.time_ns()), gid)
-            self._deliver(topic, [(email.content.body, info)])
+            self._deliver(topic, [self._message(email, stamp, gid)])
             return True
         number = parse_sequence_number(number_text)
         if number is None or number < 1:
@@ -163,9 +174,7 @@ class SubscriptionHandler(EmailHandler):
                     email, f"bad {HEADER_PREVIOUS_NUMBER} {previous_number_text[:40]!r}"
                 )
             previous_number = parsed
-        item = None
-        if wanted:
-            item = (email.content.body, MessageInfo(stamp, Timestamp(time.time_ns()), gid))
+        item = self._message(email, stamp, gid) if wanted else None
         ready = self._order.add(
             topic,
             gid.value,
@@ -193,12 +202,23 @@ class SubscriptionHandler(EmailHandler):
             )
             self._deliver(topic, ready)
 
-    def _deliver(self, topic: str, ready: list[tuple[str, MessageInfo]]) -> None:
+    @staticmethod
+    def _message(email: EmailData, stamp: Timestamp, gid: Gid) -> Message:
+        headers = email.headers
+        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, additional_headers(headers))
+        return (email.content.body, headers.get(HEADER_MESSAGE_TYPE), info)
+
+    def _deliver(self, topic: str, ready: list[Message]) -> None:
         subscriptions = self._subscriptions.get(topic, ())
-        for body, info in ready:
+        for body, message_type, info in ready:
+            delivered = 0
             for subscription in subscriptions:
-                subscription._push_message(body, info)
-            self._stats.add("delivered", len(subscriptions))
+                try:
+                    if subscription._push_message(body, message_type, info):
+                        delivered += 1
+                except Exception:  # never lose the rest of the batch to one subscription
+                    logger.exception("subscription %r failed to take a message", subscription)
+            self._stats.add("delivered", delivered)
 
 
 class ServiceHandler(EmailHandler):
@@ -252,12 +272,16 @@ class ServiceHandler(EmailHandler):
         stamp = _source_timestamp(email)
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
-        info = ServiceInfo(stamp, Timestamp(time.time_ns()), gid, sequence_number)
+        info = ServiceInfo(
+            stamp, Timestamp(time.time_ns()), gid, sequence_number, additional_headers(headers)
+        )
         if email.in_reply_to:
             client = self._clients.get(gid.value)
             if client is None:
                 return False
-            if not client._push_response(email.content.body, info):
+            if not client._push_response(
+                email.content.body, headers.get(HEADER_MESSAGE_TYPE), info
+            ):
                 logger.debug(
                     "dropping response %s (sequence number %d): not pending at its client",
                     email.message_id[:100],
@@ -267,9 +291,14 @@ class ServiceHandler(EmailHandler):
         servers = self._servers.get(email.content.subject, ())
         if not servers:
             return False
+        delivered = 0
         for server in servers:
-            server._push_request(email, info)
-        self._stats.add("delivered", len(servers))
+            try:
+                if server._push_request(email, info):
+                    delivered += 1
+            except Exception:
+                logger.exception("service server %r failed to take a request", server)
+        self._stats.add("delivered", delivered)
         return True
 
 

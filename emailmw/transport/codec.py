@@ -329,7 +329,7 @@ def encode_email(email: EmailData) -> bytes:
     encoding, payload = _encode_body(email.content.body)
     fields.append(
         "MIME-Version: 1.0\r\n"
-        'Content-Type: text/plain; charset="utf-8"\r\n'
+        f'Content-Type: {_media_type(email.content.media_type)}; charset="utf-8"\r\n'
         f"Content-Transfer-Encoding: {encoding}\r\n"
     )
     for name, value in email.headers.items():
@@ -608,9 +608,20 @@ def _decode_body(raw: bytes, body: bytes, fields: dict[str, str]) -> str:
                     part.get_content_charset(),
                 )
         raise MalformedEmailError(f"{content_type} message without a text/plain part")
-    if not content_type.startswith("text/"):
+    if not content_type.startswith("text/") and content_type not in TEXT_MEDIA_TYPES:
         raise MalformedEmailError(f"unsupported Content-Type {content_type!r}")
     return _decode_payload(body, encoding, holder.get_content_charset())
+
+
+#: Media types besides ``text/*`` whose body is text (typed messages: JSON).
+TEXT_MEDIA_TYPES = frozenset({"application/json"})
+
+
+def _media_type(value: str) -> str:
+    """``value`` if it is a media type the body may be sent as, else a ValueError."""
+    if value == "text/plain" or value in TEXT_MEDIA_TYPES:
+        return value
+    raise ValueError(f"unsupported media type {value!r} for an emailmw body")
 
 
 def decode_email(raw: bytes) -> EmailData | None:

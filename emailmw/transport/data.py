@@ -90,10 +90,13 @@ class EmailRecipients:
 
 @dataclass(slots=True)
 class EmailContent:
-    """What an email says: the subject (topic or service name) and the body (message)."""
+    """What an email says: the subject (topic or service name) and the body (message),
+    and the body's media type (``text/plain``, or ``application/json`` for a typed
+    message)."""
 
     subject: str
     body: str
+    media_type: str = "text/plain"
 
 
 @dataclass(slots=True)

@@ -11,7 +11,9 @@ the body, the metadata headers (``Source-Timestamp``, ``Publisher-GID``,
 ``Client-GID``, ``Request-Sequence-Number``, ``Publication-Number``,
 ``Previous-Timestamp``, ``Previous-Number``; empty when absent),
 ``Message-ID`` and ``In-Reply-To``. Changing any of them, or moving a field's
-bytes into another, breaks the signature. The receiving side checks it in
+bytes into another, breaks the signature. A typed body's ``Message-Type`` is
+signed too (appended last, only when present, so that plain-text signatures
+are the same as ever). The receiving side checks it in
 :class:`emailmw.security.AdmissionPolicy`.
 """
 
@@ -23,11 +25,13 @@ import hmac
 
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_MESSAGE_TYPE,
     HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
     HEADER_PUBLICATION_NUMBER,
     HEADER_PUBLISHER_GID,
     HEADER_SEQUENCE_NUMBER,
+    HEADER_SIGNATURE,
     HEADER_SOURCE_TIMESTAMP,
 )
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
@@ -41,7 +45,7 @@ __all__ = [
     "verify_signature",
 ]
 
-SIGNATURE_HEADER = "Emailmw-Signature"
+SIGNATURE_HEADER = HEADER_SIGNATURE
 _SCHEME = "v1 hmac-sha256 "
 _SIGNED_HEADERS = (
     HEADER_SOURCE_TIMESTAMP,
@@ -62,6 +66,9 @@ def _canonical(email: EmailData) -> bytes:
         email.message_id,
         email.in_reply_to or "",
     ]
+    message_type = email.headers.get(HEADER_MESSAGE_TYPE)
+    if message_type is not None:  # typed bodies only: plain-text signatures stay as they were
+        fields.append(message_type)
     parts = []
     for field in fields:
         data = field.encode("utf-8", "surrogatepass")
