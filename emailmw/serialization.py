@@ -32,7 +32,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from emailmw.errors import InvalidMessageError, MessageTypeError
 from emailmw.info import HEADER_MESSAGE_TYPE
-from emailmw.validation import unencodable_character
+from emailmw.validation import validate_payload
 
 __all__ = [
     "HEADER_MESSAGE_TYPE",
@@ -75,10 +75,7 @@ class _Text(Serializer[str]):
     def dump(self, value: str, what: str) -> str:
         if not isinstance(value, str):
             raise MessageTypeError(f"{what} must be a str, got {type(value).__name__}")
-        reason = unencodable_character(value)
-        if reason is not None:
-            raise InvalidMessageError(f"{what} cannot be sent: {reason}")
-        return value
+        return validate_payload(value, what)
 
     def load(self, body: str, header: str | None) -> str:
         return body  # any body is text
