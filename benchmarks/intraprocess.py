@@ -18,6 +18,9 @@ What is measured (all times from ``time.perf_counter_ns``):
   bare lock) before the next round, so messages never queue up.
 * thread-hop floor: the same protocol with a bare ``threading.Lock`` in place
   of emailmw: the cost of waking a blocked thread on this machine and Python.
+* typed round trip: as same-thread latency, with a pydantic model as the
+  message type (JSON encoding and validation on both ends); printed with its
+  ratio to the string round trip of the same run.
 * throughput: publish N messages, then drain them all; one thread.
 * service round trip: ``send_request()`` → a server thread blocked in
   ``wait_for_request()`` answers → ``wait_for_response()`` (two thread hops).
@@ -44,6 +47,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 import emailmw
 
@@ -148,6 +153,34 @@ def bench_same_thread(rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             start = clock()
             pub.publish("ping")
+            wait(sub, 1.0)
+            samples.append(clock() - start)
+    return summarize_ns(samples)
+
+
+class Reading(BaseModel):
+    """The typed round trip's message: a small pydantic model."""
+
+    sensor: str
+    value: float
+    sequence: int
+
+
+def bench_typed(rounds: int) -> dict[str, float]:
+    """publish() then wait_for_message() in the same thread, the message a pydantic model."""
+    with intra_context() as ctx:
+        sub = emailmw.Subscription("/typed", Reading, context=ctx)
+        pub = emailmw.Publisher("/typed", Reading, context=ctx)
+        message = Reading(sensor="ping", value=20.5, sequence=1)
+        clock = time.perf_counter_ns
+        wait = emailmw.wait_for_message
+        for _ in range(WARMUP):
+            pub.publish(message)
+            wait(sub, 1.0)
+        samples = []
+        for _ in range(rounds):
+            start = clock()
+            pub.publish(message)
             wait(sub, 1.0)
             samples.append(clock() - start)
     return summarize_ns(samples)
@@ -291,6 +324,13 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
         ),
         Row("same_thread_p99", "pub->get latency, same thread, p99", same["p99_us"], "us"),
         Row(
+            "typed_p50",
+            "  typed (pydantic model) round trip, p50 "
+            f"({results['typed']['p50_us'] / same['p50_us']:.1f}x str)",
+            results["typed"]["p50_us"],
+            "us",
+        ),
+        Row(
             "cross_thread_p50",
             "pub->get latency, cross thread, p50",
             cross["p50_us"],
@@ -382,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     # Throughput first: its peak RSS growth must not hide behind earlier phases.
     results["throughput"] = bench_throughput(args.n)
     results["same_thread"] = bench_same_thread(args.rounds)
+    results["typed"] = bench_typed(args.rounds)
+    results["typed"]["p50_ratio_to_str"] = (
+        results["typed"]["p50_us"] / results["same_thread"]["p50_us"]
+    )
     results["cross_thread"] = bench_cross_thread(args.rounds)
     results["thread_hop_floor"] = bench_thread_hop_floor(args.rounds)
     results["service"] = bench_service(args.rounds)

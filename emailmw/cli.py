@@ -8,15 +8,26 @@ Subcommands:
 ``send``          send a raw email (RFC 5322 bytes from a file or stdin) via SMTP
 ``receive``       print raw emails as they arrive in the mailbox
 ``publish``       publish a message on a topic
-``echo``          print the messages published on a topic
+``echo``          print the messages published on a topic (``--json``: one JSON
+                  object per message, with its info)
+``call``          send a request to a service and print the response
+``hz``            print the message rate on a topic every second
+
+``echo``, ``hz`` and ``receive`` run until stopped; SIGTERM stops them as
+Ctrl-C does (the context shuts down cleanly). ``hz`` then exits 0, the others
+130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 __all__ = ["main"]
 
@@ -70,7 +81,80 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("topic")
     echo.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
     echo.add_argument("--timeout", type=float, default=None, help="stop after N seconds")
+    echo.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: topic, message, source_timestamp and "
+        "received_timestamp (ns), publisher_gid, headers",
+    )
+
+    call = sub.add_parser("call", help="send a request to a service and print the response")
+    _add_config(call)
+    call.add_argument("service")
+    call.add_argument("request")
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_CALL_TIMEOUT,
+        help=f"seconds to wait for the response (default {DEFAULT_CALL_TIMEOUT:g}; "
+        "negative: forever)",
+    )
+
+    hz = sub.add_parser("hz", help="print the message rate on a topic every second")
+    _add_config(hz)
+    hz.add_argument("topic")
+    hz.add_argument(
+        "--window",
+        type=_window,
+        default=DEFAULT_HZ_WINDOW,
+        help=f"messages the statistics cover (default {DEFAULT_HZ_WINDOW})",
+    )
+    hz.add_argument(
+        "--clock",
+        choices=["source", "received"],
+        default="source",
+        help="measure between the messages' Source-Timestamp (default: when they were "
+        "published) or between the times they were received (email comes in bursts)",
+    )
     return parser
+
+
+#: ``emailmw call --timeout`` default, in seconds.
+DEFAULT_CALL_TIMEOUT = 30.0
+#: ``emailmw hz --window`` default (as ``ros2 topic hz``).
+DEFAULT_HZ_WINDOW = 10_000
+
+
+def _window(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (messages), got {value}")
+    return value
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While running a command, SIGTERM stops it as Ctrl-C does (so contexts shut
+    down cleanly); the previous handler is restored afterwards. Only where Python
+    can install handlers (the main thread) and none was installed already."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from emailmw.errors import EmailmwError
 
     try:
-        return _run(args)
+        with _sigterm_as_interrupt():
+            return _run(args)
     except EmailmwError as exc:
         sys.stderr.write(f"emailmw {args.command}: error: {exc}\n")
         return 1
@@ -115,5 +200,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "publish":
         return commands.publish(args.config, args.topic, args.message, sys.stdout)
     if args.command == "echo":
-        return commands.echo(args.config, args.topic, args.count, args.timeout, sys.stdout)
+        return commands.echo(
+            args.config, args.topic, args.count, args.timeout, sys.stdout, as_json=args.json
+        )
+    if args.command == "call":
+        return commands.call(args.config, args.service, args.request, args.timeout, sys.stdout)
+    if args.command == "hz":
+        return commands.hz(args.config, args.topic, args.window, sys.stdout, clock=args.clock)
     raise AssertionError(args.command)

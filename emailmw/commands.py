@@ -7,20 +7,43 @@ stream to write to, and returns an exit status. Errors are raised as
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import os
+import statistics
 import sys
 import time
+from collections import deque
 from typing import Any, BinaryIO, TextIO
 
 from emailmw.context import Context
-from emailmw.errors import ConfigError, WaitTimeoutError
+from emailmw.errors import ConfigError, ContextError, WaitTimeoutError
+from emailmw.info import MessageInfo
 from emailmw.options import Options
 from emailmw.pubsub import Publisher, Subscription
+from emailmw.service import ServiceClient
 from emailmw.stats import StatsCounters
 from emailmw.timeout import Deadline
-from emailmw.wait import wait_for_message_with_info
+from emailmw.wait import wait_for_message_with_info, wait_for_response
 
-__all__ = ["check_config", "echo", "publish", "receive_raw", "send_raw"]
+__all__ = [
+    "call",
+    "check_config",
+    "echo",
+    "hz",
+    "hz_report",
+    "message_json",
+    "publish",
+    "receive_raw",
+    "run_call",
+    "run_echo",
+    "run_hz",
+    "send_raw",
+]
+
+#: ``emailmw hz`` reports once per this many seconds.
+HZ_PERIOD = 1.0
 
 
 def _options(config: str | None) -> Options:
@@ -123,21 +146,198 @@ def publish(config: str | None, topic: str, message: str, out: TextIO) -> int:
     return 0
 
 
-def echo(config: str | None, topic: str, count: int, timeout: float | None, out: TextIO) -> int:
-    """Print messages published on ``topic`` as they arrive."""
+def echo(
+    config: str | None,
+    topic: str,
+    count: int,
+    timeout: float | None,
+    out: TextIO,
+    *,
+    as_json: bool = False,
+    err: TextIO | None = None,
+) -> int:
+    """Print messages published on ``topic`` as they arrive (see :func:`run_echo`)."""
+    with Context(_options(config)) as ctx:
+        return run_echo(ctx, topic, count, timeout, out, as_json=as_json, err=err)
+
+
+def run_echo(
+    ctx: Context,
+    topic: str,
+    count: int,
+    timeout: float | None,
+    out: TextIO,
+    *,
+    as_json: bool = False,
+    err: TextIO | None = None,
+) -> int:
+    """Print the messages on ``topic`` of ``ctx`` as they arrive, one line each and
+    flushed per line; stop after ``count`` messages (0: never) or ``timeout``
+    seconds, or when ``ctx`` shuts down.
+
+    Plain lines are ``[GID +DELAY ms] MESSAGE``; with ``as_json`` each line is
+    :func:`message_json`, and the "listening" line goes to ``err`` (default
+    stderr) so that ``out`` holds nothing but JSON. Returns 1 if fewer than
+    ``count`` messages came, else 0.
+    """
     received = 0
     deadline = Deadline(timeout)
-    with Context(_options(config)) as ctx:
-        subscription = Subscription(topic, context=ctx)
-        out.write(f"listening on {topic!r} (Ctrl-C to stop)\n")
-        out.flush()
-        while count <= 0 or received < count:
-            try:
-                message, info = wait_for_message_with_info(subscription, deadline.remaining())
-            except WaitTimeoutError:
-                break
-            received += 1
+    subscription = Subscription(topic, context=ctx)
+    notice = (err or sys.stderr) if as_json else out
+    notice.write(f"listening on {topic!r} (Ctrl-C to stop)\n")
+    notice.flush()
+    while count <= 0 or received < count:
+        try:
+            message, info = wait_for_message_with_info(subscription, deadline.remaining())
+        except (WaitTimeoutError, ContextError):
+            break
+        received += 1
+        if as_json:
+            out.write(message_json(topic, message, info) + "\n")
+        else:
             delay_ms = (time.time_ns() - info.source_timestamp.nanoseconds) / 1e6
             out.write(f"[{info.publisher_gid.value} +{delay_ms:.1f} ms] {message}{os.linesep}")
-            out.flush()
+        out.flush()
     return 0 if count <= 0 or received >= count else 1
+
+
+def message_json(topic: str, message: str, info: MessageInfo) -> str:
+    """One received message as a single line of JSON (what ``emailmw echo --json``
+    prints): ``topic``, ``message``, ``source_timestamp`` and
+    ``received_timestamp`` (integer nanoseconds since the Unix epoch),
+    ``publisher_gid`` (integer) and ``headers`` (the publisher's additional
+    headers, an object)."""
+    return json.dumps(
+        {
+            "topic": topic,
+            "message": message,
+            "source_timestamp": info.source_timestamp.nanoseconds,
+            "received_timestamp": info.received_timestamp.nanoseconds,
+            "publisher_gid": info.publisher_gid.value,
+            "headers": dict(info.headers),
+        },
+        ensure_ascii=False,
+    )
+
+
+def call(config: str | None, service: str, request: str, timeout: float | None, out: TextIO) -> int:
+    """Send one request and print its response (see :func:`run_call`)."""
+    with Context(_options(config)) as ctx:
+        return run_call(ctx, service, request, timeout, out)
+
+
+def run_call(ctx: Context, service: str, request: str, timeout: float | None, out: TextIO) -> int:
+    """Send ``request`` (a ``str``) to ``service`` and print the response on one
+    line of ``out``.
+
+    ``timeout`` follows the timeout rule (``None`` or negative: forever).
+    Raises :class:`~emailmw.WaitTimeoutError` when no response came in time
+    (the CLI reports it and exits 1).
+    """
+    client = ServiceClient(service, context=ctx)
+    sequence_number = client.send_request(request)
+    try:
+        response = wait_for_response(sequence_number, client, timeout)
+    except WaitTimeoutError as exc:
+        raise WaitTimeoutError(f"{exc} (is a server for {service!r} running?)") from None
+    out.write(f"{response}{os.linesep}")
+    out.flush()
+    return 0
+
+
+#: ``emailmw hz --clock`` choices: whose time stamps the intervals are measured between.
+HZ_CLOCKS = ("source", "received")
+
+
+def hz(
+    config: str | None,
+    topic: str,
+    window: int,
+    out: TextIO,
+    err: TextIO | None = None,
+    *,
+    clock: str = "source",
+) -> int:
+    """Print the message rate on ``topic`` every second (see :func:`run_hz`)."""
+    with Context(_options(config)) as ctx:
+        return run_hz(ctx, topic, window, out, err, clock=clock)
+
+
+def run_hz(
+    ctx: Context,
+    topic: str,
+    window: int,
+    out: TextIO,
+    err: TextIO | None = None,
+    *,
+    clock: str = "source",
+) -> int:
+    """Print the rate of the messages on ``topic`` once a second until ``ctx``
+    shuts down or the process is interrupted (Ctrl-C, or SIGTERM as the CLI maps
+    it); either way it returns 0.
+
+    Like ``ros2 topic hz``: over the last ``window`` messages, the average rate,
+    the shortest and longest interval, their standard deviation and the number
+    of messages::
+
+        average rate: 20.012
+        \tmin: 0.041s max: 0.062s std dev: 0.00420s window: 41
+
+    ``clock="source"`` (the default) measures between the messages'
+    ``Source-Timestamp`` (when they were published); ``clock="received"``
+    between the times emailmw received them. Email arrives in bursts (one IMAP
+    fetch brings every email that came since the last), so received times
+    describe the mail system's batching more than the topic's rate. A second
+    without a new message prints ``no new messages``; nothing is printed before
+    the second message. Sleeps between messages (no polling).
+    """
+    if clock not in HZ_CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(HZ_CLOCKS)}, got {clock!r}")
+    if window < 2:
+        raise ValueError(f"window must be at least 2 messages, got {window}")
+    subscription = Subscription(topic, context=ctx)
+    (err or sys.stderr).write(f"subscribed to {topic!r} (Ctrl-C to stop)\n")
+    (err or sys.stderr).flush()
+    by_source = clock == "source"
+    stamps: deque[int] = deque(maxlen=window)
+    new = 0
+    next_report = time.monotonic() + HZ_PERIOD
+    try:
+        while True:
+            remaining = next_report - time.monotonic()
+            if remaining > 0:
+                try:
+                    _, info = wait_for_message_with_info(subscription, remaining)
+                except WaitTimeoutError:
+                    pass
+                else:
+                    stamp = info.source_timestamp if by_source else info.received_timestamp
+                    stamps.append(stamp.nanoseconds)
+                    new += 1
+                    continue
+            line = hz_report(stamps) if new else "no new messages"
+            if line:
+                out.write(line + "\n")
+                out.flush()
+            new = 0
+            next_report += HZ_PERIOD
+            if next_report <= time.monotonic():  # fell behind (a stopped process): skip
+                next_report = time.monotonic() + HZ_PERIOD
+    except (KeyboardInterrupt, ContextError):
+        return 0
+
+
+def hz_report(stamps: deque[int] | list[int]) -> str:
+    """The ``emailmw hz`` report for time stamps ``stamps`` (integer nanoseconds,
+    in any order: they are sorted), or ``""`` with fewer than two."""
+    if len(stamps) < 2:
+        return ""
+    values = sorted(stamps)  # delivery order need not be the order of either clock
+    intervals = [(b - a) / 1e9 for a, b in itertools.pairwise(values)]
+    mean = statistics.fmean(intervals)
+    rate = 1.0 / mean if mean > 0 else math.inf
+    return (
+        f"average rate: {rate:.3f}\n"
+        f"\tmin: {min(intervals):.3f}s max: {max(intervals):.3f}s "
+        f"std dev: {statistics.pstdev(intervals):.5f}s window: {len(values)}"
+    )

@@ -1,11 +1,15 @@
 """The network subcommands of the ``emailmw`` command, run as a user would
 (``python -m emailmw ...`` in a subprocess) against the real dev server:
-``check-config``, ``send``, ``receive``, ``publish`` and ``echo``."""
+``check-config``, ``send``, ``receive``, ``publish``, ``echo`` (``--json``
+too), ``call`` (answered by a server in this process) and ``hz``."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +22,7 @@ from typing import IO, Any
 import pytest
 import yaml
 
+import emailmw
 from emailmw.devserver import DevServer
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.mailstack]
@@ -320,3 +325,111 @@ def test_publish_intraprocess_config_is_refused(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "intraprocess" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------ call / echo --json / hz
+
+
+def _serve_once(path: Path, service: str, ready: threading.Event, answered: list[str]) -> None:
+    """Answer one request to ``service`` (the sum of its numbers), from this process."""
+    options = emailmw.Options.from_file(path)
+    with emailmw.Context(options) as ctx:
+        server = emailmw.ServiceServer(service, context=ctx)
+        ready.set()
+        request = emailmw.wait_for_request(server, timeout=COMMAND_TIMEOUT)
+        answered.append(request.content)
+        server.send_response(request.id, str(sum(int(n) for n in request.content.split())))
+
+
+def test_call_prints_the_response_of_a_server(config: tuple[Path, str], tmp_path: Path) -> None:
+    path, _ = config
+    ready = threading.Event()
+    answered: list[str] = []
+    server = threading.Thread(target=_serve_once, args=(path, "/cli/add", ready, answered))
+    server.start()
+    try:
+        assert ready.wait(COMMAND_TIMEOUT)
+        done = emailmw_cli(tmp_path, "call", "/cli/add", "40 2", "-c", str(path),
+                           "--timeout", "25")  # fmt: skip
+    finally:
+        server.join(COMMAND_TIMEOUT + 5)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "42\n"
+    assert answered == ["40 2"]
+    assert "Traceback" not in done.stderr
+
+
+def test_call_without_a_server_times_out(config: tuple[Path, str], tmp_path: Path) -> None:
+    path, _ = config
+    started = time.monotonic()
+    done = emailmw_cli(tmp_path, "call", "/cli/nobody", "hello", "-c", str(path),
+                       "--timeout", "1")  # fmt: skip
+    assert time.monotonic() - started < 20
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    assert "emailmw call: error: no response to request 1 on '/cli/nobody' within 1.0 s" in (
+        done.stderr
+    )
+    assert "is a server for '/cli/nobody' running?" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_echo_json_lines(
+    config: tuple[Path, str], tmp_path: Path, background: list[Background]
+) -> None:
+    path, _ = config
+    echo = Background(tmp_path, "echo", "/cli/json", "--json", "-c", str(path), "--count", "2",
+                      "--timeout", "25")  # fmt: skip
+    background.append(echo)
+    echo.wait_for("stderr", "listening on '/cli/json'")
+    texts = ["first — ✓", "second\nline"]
+    with emailmw.Context(emailmw.Options.from_file(path)) as ctx:
+        publisher = emailmw.Publisher("/cli/json", context=ctx)
+        publisher.publish(texts[0], additional_headers={"Trace-Id": "t-1"})
+        publisher.publish(texts[1])
+        gid = publisher.gid.value
+    rc = echo.finish()
+    assert rc == 0, echo.output
+    objects = [json.loads(line) for line in echo.stdout]  # every stdout line is JSON
+    assert [o["message"] for o in objects] == texts
+    assert [o["headers"] for o in objects] == [{"Trace-Id": "t-1"}, {}]
+    for o in objects:
+        assert o["topic"] == "/cli/json"
+        assert o["publisher_gid"] == gid
+        assert 0 < o["source_timestamp"] <= o["received_timestamp"]
+    assert "Traceback" not in "".join(echo.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_hz_measures_a_20_hz_publisher_and_stops_on_sigterm(
+    config: tuple[Path, str], tmp_path: Path, background: list[Background]
+) -> None:
+    path, _ = config
+    hz = Background(tmp_path, "hz", "/cli/rate", "-c", str(path))
+    background.append(hz)
+    hz.wait_for("stderr", "subscribed to '/cli/rate'")
+    sent: list[float] = []
+    with emailmw.Context(emailmw.Options.from_file(path)) as ctx:
+        publisher = emailmw.Publisher("/cli/rate", context=ctx)
+        period = 0.05  # 20 Hz
+        started = time.monotonic()
+        for i in range(80):  # 4 s
+            delay = started + i * period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the publisher
+            publisher.publish(f"m{i}")
+            sent.append(time.monotonic())
+    achieved = (len(sent) - 1) / (sent[-1] - sent[0])
+    # Once everything arrived, a report covers all 80 messages (the window is 10 000).
+    hz.wait_for("stdout", "window: 80")
+    hz.proc.send_signal(signal.SIGTERM)
+    rc = hz.finish()
+    assert rc == 0, hz.output
+    text = "".join(hz.stdout)
+    match = re.search(r"average rate: ([\d.]+)\n\tmin: ([\d.]+)s max: ([\d.]+)s "
+                      r"std dev: ([\d.]+)s window: 80\n", text)  # fmt: skip
+    assert match, hz.output
+    rate = float(match[1])
+    assert abs(rate - achieved) <= 0.3 * achieved, (match.group(0), achieved)
+    assert float(match[2]) - 5e-4 <= 1 / rate <= float(match[3]) + 5e-4  # printed to 1 ms
+    assert "Traceback" not in "".join(hz.stderr)

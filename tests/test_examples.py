@@ -1,16 +1,20 @@
 """Run each intraprocess example as a user would and check what it prints.
 
-Only the examples that need no mail server: ``examples/*intraprocess*.py``
-and ``examples/waitset_guard_condition.py``.
+The examples that need no mail server: ``examples/*intraprocess*.py``,
+``examples/waitset_guard_condition.py`` and ``examples/typed_pubsub.py`` (which
+also runs against the real dev server when ``$EMAIL_CONFIG_FILE`` is set).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from emailmw.devserver import DevServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,6 +40,12 @@ EXPECTED: dict[str, list[str]] = {
         "sequence number 4",
         "server: context shut down, stopping",
     ],
+    "typed_pubsub.py": [
+        "north: 21.5 C, 40 % [] headers={}",
+        "south: -3.25 C, 85 % ['frost'] headers={'Station-Firmware': '2.1'}",
+        "refused: message must be a Reading, got dict",
+        "stats: sent=2 delivered=2 dropped=0",
+    ],
     "waitset_guard_condition.py": [
         "/temperature: 20.5 C",
         "/humidity: 50 %",
@@ -45,8 +55,30 @@ EXPECTED: dict[str, list[str]] = {
 
 
 def _examples() -> list[Path]:
-    found = {*EXAMPLES.glob("*intraprocess*.py"), EXAMPLES / "waitset_guard_condition.py"}
+    found = {
+        *EXAMPLES.glob("*intraprocess*.py"),
+        EXAMPLES / "waitset_guard_condition.py",
+        EXAMPLES / "typed_pubsub.py",
+    }
     return sorted(found)
+
+
+def _run(example: Path, cwd: Path, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``example`` as a user would, with ``$EMAIL_CONFIG_FILE`` set to ``config``
+    (or unset)."""
+    env = dict(os.environ)
+    env.pop("EMAIL_CONFIG_FILE", None)
+    if config is not None:
+        env["EMAIL_CONFIG_FILE"] = str(config)
+    return subprocess.run(
+        [sys.executable, str(example)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_every_expected_example_exists() -> None:
@@ -57,14 +89,7 @@ def test_every_expected_example_exists() -> None:
 @pytest.mark.parametrize("example", _examples(), ids=lambda path: path.name)
 def test_example_runs(example: Path, tmp_path: Path) -> None:
     # Run from an empty directory so that no stray ./email.yml is picked up.
-    result = subprocess.run(
-        [sys.executable, str(example)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = _run(example, tmp_path)
     assert result.returncode == 0, (
         f"{example.name} exited {result.returncode}\n"
         f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -73,4 +98,15 @@ def test_example_runs(example: Path, tmp_path: Path) -> None:
         assert expected in result.stdout, (
             f"{expected!r} not in the output of {example.name}:\n{result.stdout}"
         )
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.mailstack
+def test_typed_pubsub_over_a_real_mailbox(dev_server: DevServer, tmp_path: Path) -> None:
+    folder, address = dev_server.new_mailbox("alice")
+    config = dev_server.write_config("alice", tmp_path / "alice.yml", mailbox=folder, to=address)
+    result = _run(EXAMPLES / "typed_pubsub.py", tmp_path, config)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    for expected in EXPECTED["typed_pubsub.py"]:
+        assert expected in result.stdout, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
