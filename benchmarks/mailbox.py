@@ -35,7 +35,11 @@ postfix, run as root) and prints, from one run, side by side:
   ``--late-joiner-modes`` (``auto``: the default mode, whose first email comes
   through IDLE, ~0.5 s on Dovecot; ``poll-10ms``: no push delay, so what
   remains is the receiver and the order); p50 and max, and their ratio to the
-  floor's p50 of the same run. ``--no-late-joiner`` skips it;
+  floor's p50 of the same run. Afterwards the folder is read back in UID
+  (delivery) order, and for each join that waited over a second the report says
+  whether the message published just before its first one was stored after it
+  (the mail system held it back) or before it (it did not: the wait was the
+  receiver's or the order's). ``--no-late-joiner`` skips it;
   ``--late-joiner-only`` runs only the floor and this row (about a minute; with
   ``PYTHONPATH`` pointing at another emailmw tree it measures that tree).
 
@@ -566,15 +570,35 @@ class Bench:
             finally:
                 stop.set()
                 publisher.join(10)
+        stored = self.stored_order(folder)
+        for joins_of_mode in per_mode.values():
+            for join in joins_of_mode:
+                join["predecessor_stored_after"] = predecessor_stored_after(join, stored)
         return {
             "rate": LATE_JOINER_RATE,
             "joins": joins,
             "floor_p50_ms": floor_p50_ms,
+            "stored_seqs": sorted(stored, key=stored.__getitem__),  # the folder in UID order
             "modes": {
                 mode: summarize_joins(joins_of_mode, floor_p50_ms)
                 for mode, joins_of_mode in per_mode.items()
             },
         }
+
+    def stored_order(self, folder: str) -> dict[int, int]:
+        """Where each stream message (seq) stands in ``folder``, in UID (delivery) order."""
+        client = imap_login(self.info)
+        try:
+            client.select_folder(folder, readonly=True)
+            uids = client.search("ALL")
+            fetched = client.fetch(uids, [b"BODY.PEEK[TEXT]"]) if uids else {}
+        finally:
+            client.logout()
+        order: dict[int, int] = {}
+        for rank, uid in enumerate(sorted(fetched)):
+            with contextlib.suppress(KeyError, ValueError):
+                order.setdefault(parse_body(fetched[uid][b"BODY[TEXT]"])[0], rank)
+        return order
 
     def idle(self, modes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
         """One idle subscriber per mode, side by side (each measures its own process)."""
@@ -662,7 +686,14 @@ def summarize_joins(joins: list[dict[str, Any]], floor_p50_ms: float | None) -> 
     """p50/max of a late joiner's time to its first message and of that message's
     latency, each also as a multiple of the floor's p50; every join's own values."""
     got = [j for j in joins if j.get("first") is not None]
-    out: dict[str, Any] = {"joins": len(joins), "timeouts": len(joins) - len(got)}
+    out: dict[str, Any] = {
+        "joins": len(joins),
+        "timeouts": len(joins) - len(got),
+        # joins whose first message's predecessor was stored after it (mail-system reorder)
+        "predecessor_reordered": sum(
+            1 for j in got if (j.get("predecessor_stored_after") or 0) > 0
+        ),
+    }
     for key in ("time_to_first_ms", "first_latency_ms", "queued_behind"):
         values = sorted(float(j[key]) for j in got)
         if not values:
@@ -673,6 +704,17 @@ def summarize_joins(joins: list[dict[str, Any]], floor_p50_ms: float | None) -> 
             out[key]["max_x_floor"] = values[-1] / floor_p50_ms
     out["each"] = joins
     return out
+
+
+def predecessor_stored_after(join: dict[str, Any], stored: dict[int, int]) -> int | None:
+    """How many emails after a late joiner's first message the mail system stored the
+    one published just before it (negative: before it, as sent; None: not known).
+    A first message that waited about a reorder window while its predecessor was
+    stored long after it waited for the mail system, not for the order."""
+    first = join.get("first")
+    if first is None or first - 1 not in stored or first not in stored:
+        return None
+    return stored[first - 1] - stored[first]
 
 
 def strip(summary: dict[str, Any]) -> dict[str, Any]:
@@ -797,6 +839,27 @@ def print_late_joiner(late: dict[str, Any]) -> None:
             else:
                 w("\n")
     w("  (queued: p50 of the messages in hand together with the first; none: no message)\n")
+    for mode, r in late["modes"].items():
+        slow = [j for j in r["each"] if j.get("first") is not None and j["time_to_first_ms"] > 1e3]
+        if len(slow) > 3:
+            w(
+                f"  {mode}: {len(slow)} of {len(r['each'])} joins waited over a second; "
+                "the first 3:\n"
+            )
+        for j in slow[:3]:
+            after = j.get("predecessor_stored_after")
+            where = (
+                "not found in the folder"
+                if after is None
+                else f"stored {after} emails after it"
+                if after > 0
+                else "stored before it (the mail system did not hold it back)"
+            )
+            w(
+                f"  {mode}: a join waited {j['time_to_first_ms'] / 1e3:.2f} s for message "
+                f"{j['first']} ({j['queued_behind']} queued behind it); the one published "
+                f"before it was {where}\n"
+            )
 
 
 def print_report(results: dict[str, Any]) -> None:
