@@ -989,7 +989,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     late_modes = [m.strip() for m in args.late_joiner_modes.split(",") if m.strip()]
     for mode in modes + late_modes:
-        parse_mode(mode)
+        try:
+            parse_mode(mode)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
     if args.late_joins < 1:
         parser.error("--late-joins must be >= 1")
     if args.late_joiner_only:
