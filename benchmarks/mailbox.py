@@ -23,11 +23,31 @@ postfix, run as root) and prints, from one run, side by side:
 * **throughput**: ``--burst`` messages sent back to back by one sender, end to
   end (first send → last message in hand; also up to the 99th percent message),
   emailmw (``auto`` mode) next to the floor.
+* **late joiner: first message**: while a 20 Hz stream runs (``Publisher`` in
+  this process, in a thread), a new subscriber process starts with its own
+  ``Context``, so its receiver takes its start position in the middle of the
+  stream; after ``init()`` returned it creates its ``Subscription`` and waits.
+  Two times per join: from the ``Subscription`` creation to the first message
+  in hand (this includes waiting for the next send, up to 50 ms at 20 Hz), and
+  the latency of that first message (send → in hand); also how many messages
+  were already queued behind it (a burst means they were held back).
+  ``--late-joins`` joins per mode, each a fresh process, for each of
+  ``--late-joiner-modes`` (``auto``: the default mode, whose first email comes
+  through IDLE, ~0.5 s on Dovecot; ``poll-10ms``: no push delay, so what
+  remains is the receiver and the order); p50 and max, and their ratio to the
+  floor's p50 of the same run. Afterwards the folder is read back in UID
+  (delivery) order, and for each join that waited over a second the report says
+  whether the message published just before its first one was stored after it
+  (the mail system held it back) or before it (it did not: the wait was the
+  receiver's or the order's). ``--no-late-joiner`` skips it;
+  ``--late-joiner-only`` runs only the floor and this row (about a minute; with
+  ``PYTHONPATH`` pointing at another emailmw tree it measures that tree).
 
-    python benchmarks/mailbox.py                          # the table, about 3.5 minutes
+    python benchmarks/mailbox.py                          # the table, about 4.5 minutes
     python benchmarks/mailbox.py --json                   # the same results as JSON
     python benchmarks/mailbox.py --messages 50 --idle-seconds 5 --burst 300   # quick look
     python benchmarks/mailbox.py --modes auto,poll-10ms --no-paired --save out.json
+    python benchmarks/mailbox.py --late-joiner-only       # floor + late joiner, ~1 minute
 
 How it measures:
 
@@ -49,6 +69,10 @@ How it measures:
   which they do not use while the server offers IDLE.
 * Before the first measurement a few emails go through the stack unmeasured
   (the first message after a start is 30-40 ms slower).
+* A late joiner's clock starts just before ``Subscription(...)``, after its
+  ``Context`` was initialized (process start and connecting are not counted);
+  it waits at most ``STALL`` seconds for its first message (a join that gets
+  nothing is counted as a timeout, not as a number).
 
 The module is named like the standard library's ``mailbox``: run it as a script,
 never import it as ``mailbox``. Nothing here asserts; the results go to
@@ -73,6 +97,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -91,6 +116,10 @@ ACCOUNT = "alice"
 DEFAULT_MODES = "auto,idle,poll-10ms,poll-100ms"
 THROUGHPUT_MODE = "auto"
 PAIRED_MODE = "auto"
+LATE_JOINER_MODES = "auto,poll-10ms"
+LATE_JOINER_RATE = 20.0  # Hz: the stream a late joiner starts in the middle of
+LATE_JOINS = 10  # fresh subscriber processes per mode
+LATE_JOINER_LEAD = 1.0  # seconds the stream runs before the first join
 STALL = 20.0  # a receiver gives up after this long without a new message
 CHILD_TIMEOUT = 60.0  # how long the parent waits for a child's answer beyond the phase
 
@@ -301,6 +330,45 @@ def emailmw_receiver(conn: Connection, config: dict[str, Any], n: int, idle_seco
         raise
 
 
+def late_joiner(conn: Connection, config: dict[str, Any]) -> None:
+    """A subscriber that starts while a stream runs: how long until its first message.
+
+    The clock starts after ``init()`` returned (the receiver has taken its start
+    position), just before the ``Subscription`` is created, and stops when
+    ``wait_for_message()`` returns the first message.
+    """
+    try:
+        options = emailmw.Options.from_dict(config)
+        with emailmw.Context(options) as ctx:
+            created_ns = time.monotonic_ns()
+            sub = emailmw.Subscription(TOPIC, depth=10_000, context=ctx)
+            try:
+                message = emailmw.wait_for_message(sub, timeout=STALL)
+            except emailmw.WaitTimeoutError:
+                conn.send(("done", {"first": None}))
+                return
+            in_hand_ns = time.monotonic_ns()
+            seq, sent_ns = parse_body(message.encode())
+            queued_behind = 0  # delivered together with the first one
+            while sub.get_message() is not None:
+                queued_behind += 1
+        conn.send(
+            (
+                "done",
+                {
+                    "first": seq,
+                    "time_to_first_ms": (in_hand_ns - created_ns) / 1e6,
+                    "first_latency_ms": (in_hand_ns - sent_ns) / 1e6,
+                    "sent_after_subscription_ms": (sent_ns - created_ns) / 1e6,
+                    "queued_behind": queued_behind,
+                },
+            )
+        )
+    except BaseException as exc:
+        conn.send(("error", repr(exc)))
+        raise
+
+
 class Child:
     """A receiver in its own process, driven over a pipe: ready → go → done."""
 
@@ -464,6 +532,74 @@ class Bench:
         summaries = [summarize(r, n, first_ns, sent_done_ns, keep=rate > 0) for r in results]
         return summaries[0], (summaries[1] if paired else None)
 
+    def late_joiner(
+        self, modes: list[str], joins: int, floor_p50_ms: float | None
+    ) -> dict[str, Any]:
+        """``joins`` fresh subscriber processes per mode, each started while a 20 Hz
+        stream runs, one after the other: time to the first message and its latency."""
+        folder, address = self.server.new_mailbox(ACCOUNT, prefix="late")
+        stop = threading.Event()
+        failures: list[BaseException] = []
+        per_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        with self.publisher_context(address) as ctx:
+            pub = emailmw.Publisher(TOPIC, context=ctx)
+
+            def stream() -> None:
+                start, i = time.monotonic(), 0
+                try:
+                    while not stop.wait(max(0.0, start + i / LATE_JOINER_RATE - time.monotonic())):
+                        pub.publish(stream_body(i, time.monotonic_ns()))
+                        i += 1
+                except BaseException as exc:  # the joins would wait for nothing: say why
+                    failures.append(exc)
+
+            publisher = threading.Thread(target=stream, name="bench-late-stream", daemon=True)
+            publisher.start()
+            try:
+                time.sleep(LATE_JOINER_LEAD)
+                for mode in modes:
+                    config = self.subscriber_config(folder, mode)
+                    for _ in range(joins):
+                        if failures:
+                            raise RuntimeError(f"late-joiner stream failed: {failures[0]!r}")
+                        kid = Child(late_joiner, config)
+                        try:
+                            per_mode[mode].append(kid.result(STALL + 2 * CHILD_TIMEOUT))
+                        finally:
+                            kid.kill()
+            finally:
+                stop.set()
+                publisher.join(10)
+        stored = self.stored_order(folder)
+        for joins_of_mode in per_mode.values():
+            for join in joins_of_mode:
+                join["predecessor_stored_after"] = predecessor_stored_after(join, stored)
+        return {
+            "rate": LATE_JOINER_RATE,
+            "joins": joins,
+            "floor_p50_ms": floor_p50_ms,
+            "stored_seqs": sorted(stored, key=stored.__getitem__),  # the folder in UID order
+            "modes": {
+                mode: summarize_joins(joins_of_mode, floor_p50_ms)
+                for mode, joins_of_mode in per_mode.items()
+            },
+        }
+
+    def stored_order(self, folder: str) -> dict[int, int]:
+        """Where each stream message (seq) stands in ``folder``, in UID (delivery) order."""
+        client = imap_login(self.info)
+        try:
+            client.select_folder(folder, readonly=True)
+            uids = client.search("ALL")
+            fetched = client.fetch(uids, [b"BODY.PEEK[TEXT]"]) if uids else {}
+        finally:
+            client.logout()
+        order: dict[int, int] = {}
+        for rank, uid in enumerate(sorted(fetched)):
+            with contextlib.suppress(KeyError, ValueError):
+                order.setdefault(parse_body(fetched[uid][b"BODY[TEXT]"])[0], rank)
+        return order
+
     def idle(self, modes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
         """One idle subscriber per mode, side by side (each measures its own process)."""
         kids = {}
@@ -546,6 +682,41 @@ def summarize(
     return out
 
 
+def summarize_joins(joins: list[dict[str, Any]], floor_p50_ms: float | None) -> dict[str, Any]:
+    """p50/max of a late joiner's time to its first message and of that message's
+    latency, each also as a multiple of the floor's p50; every join's own values."""
+    got = [j for j in joins if j.get("first") is not None]
+    out: dict[str, Any] = {
+        "joins": len(joins),
+        "timeouts": len(joins) - len(got),
+        # joins whose first message's predecessor was stored after it (mail-system reorder)
+        "predecessor_reordered": sum(
+            1 for j in got if (j.get("predecessor_stored_after") or 0) > 0
+        ),
+    }
+    for key in ("time_to_first_ms", "first_latency_ms", "queued_behind"):
+        values = sorted(float(j[key]) for j in got)
+        if not values:
+            continue
+        out[key] = {"p50": percentile(values, 0.50), "max": values[-1]}
+        if floor_p50_ms and key != "queued_behind":
+            out[key]["p50_x_floor"] = out[key]["p50"] / floor_p50_ms
+            out[key]["max_x_floor"] = values[-1] / floor_p50_ms
+    out["each"] = joins
+    return out
+
+
+def predecessor_stored_after(join: dict[str, Any], stored: dict[int, int]) -> int | None:
+    """How many emails after a late joiner's first message the mail system stored the
+    one published just before it (negative: before it, as sent; None: not known).
+    A first message that waited about a reorder window while its predecessor was
+    stored long after it waited for the mail system, not for the order."""
+    first = join.get("first")
+    if first is None or first - 1 not in stored or first not in stored:
+        return None
+    return stored[first - 1] - stored[first]
+
+
 def strip(summary: dict[str, Any]) -> dict[str, Any]:
     """A summary without the raw arrival lists."""
     return {k: v for k, v in summary.items() if k not in ("seqs", "recv_ns")}
@@ -571,6 +742,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "emailmw": emailmw.__version__,
         "commit": commit,
+        "package": os.path.dirname(os.path.abspath(emailmw.__file__)),
         "load_average_at_start": os.getloadavg(),
     }
 
@@ -640,6 +812,56 @@ def label(path: str) -> str:
     return "floor (busy UID FETCH)" if path == "floor" else f"emailmw {path}"
 
 
+def print_late_joiner(late: dict[str, Any]) -> None:
+    """The late-joiner rows: p50/max in ms and as a multiple of the floor's p50."""
+    w = sys.stdout.write
+    floor = late["floor_p50_ms"]
+    w(
+        f"\nlate joiner: first message; a new subscriber process joins a {late['rate']:g} Hz "
+        f"stream, {late['joins']} joins per mode\n(from Subscription() after init(), and "
+        f"send -> in hand; x floor: / floor p50 {floor or 0:.1f} ms)\n"
+    )
+    w(f"{'path':<38}{'p50':>8}{'max':>8}{'p50 x':>8}{'max x':>8}{'queued':>8}{'none':>6}\n")
+    for mode, r in late["modes"].items():
+        queued = r.get("queued_behind", {})
+        for key, what in (("time_to_first_ms", "to first"), ("first_latency_ms", "first latency")):
+            v = r.get(key)
+            name = f"late joiner {mode}: {what}"
+            if v is None:
+                w(f"{name:<38}{'(nothing received)':>40}{r['timeouts']:6d}\n")
+                continue
+            w(
+                f"{name:<38}{v['p50']:8.1f}{v['max']:8.1f}{v.get('p50_x_floor', 0):8.1f}"
+                f"{v.get('max_x_floor', 0):8.1f}"
+            )
+            if key == "time_to_first_ms":
+                w(f"{queued.get('p50', 0):8.0f}{r['timeouts']:6d}\n")
+            else:
+                w("\n")
+    w("  (queued: p50 of the messages in hand together with the first; none: no message)\n")
+    for mode, r in late["modes"].items():
+        slow = [j for j in r["each"] if j.get("first") is not None and j["time_to_first_ms"] > 1e3]
+        if len(slow) > 3:
+            w(
+                f"  {mode}: {len(slow)} of {len(r['each'])} joins waited over a second; "
+                "the first 3:\n"
+            )
+        for j in slow[:3]:
+            after = j.get("predecessor_stored_after")
+            where = (
+                "not found in the folder"
+                if after is None
+                else f"stored {after} emails after it"
+                if after > 0
+                else "stored before it (the mail system did not hold it back)"
+            )
+            w(
+                f"  {mode}: a join waited {j['time_to_first_ms'] / 1e3:.2f} s for message "
+                f"{j['first']} ({j['queued_behind']} queued behind it); the one published "
+                f"before it was {where}\n"
+            )
+
+
 def print_report(results: dict[str, Any]) -> None:
     s = results["settings"]
     m = results["machine"]
@@ -648,7 +870,7 @@ def print_report(results: dict[str, Any]) -> None:
         f"emailmw mailbox benchmark: {s['messages']} messages at {s['rate']:g} Hz, "
         f"idle {s['idle_seconds']:g} s, burst {s['burst']}\n"
         f"machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, "
-        f"emailmw {m['emailmw']} {m['commit']}\n"
+        f"emailmw {m['emailmw']} {m['commit']} (package {m.get('package', '?')})\n"
         f"load average (1/5/15 min) at start {fmt_load(m['load_average_at_start'])}, "
         f"at end {fmt_load(m.get('load_average_at_end', ()))}\n\n"
     )
@@ -666,7 +888,11 @@ def print_report(results: dict[str, Any]) -> None:
             f"{r['max_ms']:8.1f}{r['commands_per_message']:9.2f}{r['cpu_percent']:8.1f}"
             f"{r['lost']:6d}\n"
         )
-    w("\nratios to the floor (p50 latency, IMAP commands per message):\n")
+    late = results.get("late_joiner")
+    if late is not None:
+        print_late_joiner(late)
+    if results["modes"]:
+        w("\nratios to the floor (p50 latency, IMAP commands per message):\n")
     for path, r in results["modes"].items():
         if "p50_ms" in r and floor_p50:
             w(
@@ -707,7 +933,8 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{r['cpu_percent']:.0f} %, lost {r['lost']}, out of order "
                 f"{r['out_of_order']}, slowest email {r.get('max_ms', 0) / 1e3:.1f} s\n"
             )
-    w("\ntargets:\n")
+    if results["targets"]:
+        w("\ntargets:\n")
     for row in results["targets"]:
         verdict = "PASS" if row["passed"] else "MISS"
         w(f"  {row['target']:<56}{row['measured']:<36}{verdict}\n")
@@ -734,12 +961,44 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help=f"skip the paired run ({PAIRED_MODE} subscriber and floor poller on one folder)",
     )
+    parser.add_argument(
+        "--no-late-joiner",
+        dest="late_joiner",
+        action="store_false",
+        help="skip the late-joiner row (new subscriber processes joining a 20 Hz stream)",
+    )
+    parser.add_argument(
+        "--late-joiner-only",
+        action="store_true",
+        help="measure only the floor and the late-joiner row",
+    )
+    parser.add_argument(
+        "--late-joins",
+        type=int,
+        default=LATE_JOINS,
+        help=f"late joiners per mode, each a fresh process ({LATE_JOINS})",
+    )
+    parser.add_argument(
+        "--late-joiner-modes",
+        default=LATE_JOINER_MODES,
+        help=f"receive modes of the late joiners, comma-separated ({LATE_JOINER_MODES})",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--save", metavar="PATH", help="also write the JSON results to PATH")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        parse_mode(mode)
+    late_modes = [m.strip() for m in args.late_joiner_modes.split(",") if m.strip()]
+    for mode in modes + late_modes:
+        try:
+            parse_mode(mode)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    if args.late_joins < 1:
+        parser.error("--late-joins must be >= 1")
+    if args.late_joiner_only:
+        if not args.late_joiner:
+            parser.error("--late-joiner-only and --no-late-joiner contradict each other")
+        modes, args.paired, args.idle_seconds, args.burst = [], False, 0.0, 0
 
     results: dict[str, Any] = {
         "machine": machine(),
@@ -749,6 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
             "idle_seconds": args.idle_seconds,
             "burst": args.burst,
             "modes": modes,
+            "late_joiner_modes": late_modes if args.late_joiner else [],
+            "late_joins": args.late_joins,
         },
         "modes": {},
         "idle": {},
@@ -758,6 +1019,10 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(server)
         bench.warm_up()
         results["floor"] = bench.floor(args.messages, args.rate)
+        if args.late_joiner and late_modes:
+            results["late_joiner"] = bench.late_joiner(
+                late_modes, args.late_joins, results["floor"].get("p50_ms")
+            )
         for mode in modes:
             results["modes"][mode] = bench.stream(mode, args.messages, args.rate)
         if args.paired:

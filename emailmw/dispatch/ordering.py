@@ -200,6 +200,8 @@ class PublicationOrder(Generic[T]):
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` has something to release (the clock's seconds), or None."""
+        if not self._holding:  # the usual case, asked after every dispatch
+            return None
         deadline = None
         for stream in self._holding.values():
             if stream.deadline is not None and (deadline is None or stream.deadline < deadline):
@@ -230,6 +232,11 @@ class PublicationOrder(Generic[T]):
         self, stream: _Stream[T], link: tuple[int, int], item: T | None, ready: list[T]
     ) -> None:
         """Release ``link`` and, in turn, every held message chained to it."""
+        if not stream.waiting:  # nothing held on this stream (the usual case): this one only
+            self._remember(stream, link)
+            if item is not None:
+                ready.append(item)
+            return
         todo = [(link, item)]
         while todo:
             current, it = todo.pop()
@@ -246,18 +253,21 @@ class PublicationOrder(Generic[T]):
 
     def _remember(self, stream: _Stream[T], link: tuple[int, int]) -> None:
         stream.last = link
-        stream.last_ns = max(stream.last_ns, link[1])
-        if link in stream.recent:
+        number, stamp = link
+        stream.last_ns = max(stream.last_ns, stamp)
+        recent = stream.recent
+        if link in recent:
             return
-        stream.recent[link] = None
+        recent[link] = None
         numbers = stream.recent_numbers
-        numbers[link[0]] = numbers.get(link[0], 0) + 1
-        if len(stream.recent) > RECENT_NUMBERS:
-            (old, _), _ = stream.recent.popitem(last=False)
-            if numbers[old] == 1:
+        numbers[number] = numbers.get(number, 0) + 1
+        if len(recent) > RECENT_NUMBERS:
+            (old, _), _ = recent.popitem(last=False)
+            count = numbers[old]
+            if count == 1:
                 del numbers[old]
             else:
-                numbers[old] -= 1
+                numbers[old] = count - 1
 
     def _progress(self, key: tuple[str, int], stream: _Stream[T]) -> None:
         if stream.held:
