@@ -181,8 +181,15 @@ class MessageInfo:
     source_timestamp: Timestamp
     received_timestamp: Timestamp
     publisher_gid: Gid
-    #: the headers the publisher added (``additional_headers``), read-only
-    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS, compare=False)
+    #: every header the email had (read on demand by :attr:`headers`)
+    _email_headers: Mapping[str, str] = field(
+        default_factory=lambda: _NO_HEADERS, repr=False, compare=False
+    )
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The headers the publisher added (``additional_headers``), read-only."""
+        return additional_headers(self._email_headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +203,15 @@ class ServiceInfo:
     received_timestamp: Timestamp
     client_gid: Gid
     sequence_number: int
-    #: the headers the client or server added (``additional_headers``), read-only
-    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS, compare=False)
+    #: every header the email had (read on demand by :attr:`headers`)
+    _email_headers: Mapping[str, str] = field(
+        default_factory=lambda: _NO_HEADERS, repr=False, compare=False
+    )
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The headers the client or server added (``additional_headers``), read-only."""
+        return additional_headers(self._email_headers)
 
 
 @dataclass(frozen=True, slots=True)

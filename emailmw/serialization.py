@@ -73,6 +73,8 @@ class Serializer(Generic[T]):
 
 class _Text(Serializer[str]):
     def dump(self, value: str, what: str) -> str:
+        if type(value) is str and value.isascii():  # the usual case, and always encodable
+            return value
         if not isinstance(value, str):
             raise MessageTypeError(f"{what} must be a str, got {type(value).__name__}")
         return validate_payload(value, what)

@@ -216,18 +216,27 @@ def test_a_subscriber_joining_a_running_stream_gets_its_first_message_promptly(
             time.sleep(0.01)
         sub_ctx = bench.context() if bench.kind == "email" else pub_ctx
         joined = time.monotonic()
+        joined_ns = time.time_ns()
         sub = emailmw.Subscription("/stream", context=sub_ctx)
-        first = emailmw.wait_for_message(sub, bench.wait)
+        first, first_info = emailmw.wait_for_message_with_info(sub, bench.wait)
         first_after = time.monotonic() - joined
-        later = take(sub, 20, bench.wait)
+        got = [(int(first), first_info.source_timestamp.nanoseconds)]
+        deadline = time.monotonic() + bench.wait
+        while len(got) < 21 and time.monotonic() < deadline:
+            message, info = emailmw.wait_for_message_with_info(sub, bench.wait)
+            got.append((int(message), info.source_timestamp.nanoseconds))
     finally:
         stop.set()
         thread.join(10)
-    assert first is not None
     assert first_after < 5.0, f"first message {first_after:.2f} s after joining"
-    numbers = [int(first), *map(int, later)]
-    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
-    assert len(numbers) == 21
+    numbers = [n for n, _ in got]
+    assert len(numbers) == 21 and len(set(numbers)) == 21, numbers
+    # Every message published after the subscription existed comes, in order. (One
+    # published just before it may be stored late by Postfix, after newer ones: it
+    # is not waited for, so it may come out of order; it still comes once.)
+    after = [n for n, stamp in got if stamp > joined_ns]
+    assert len(after) >= 15, got
+    assert after == list(range(after[0], after[0] + len(after))), after
 
 
 # -- the window -------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class DeliveryCore:
         )
         self._subscriptions = SubscriptionHandler(stats, self._order, reorder_window)
         self._services = ServiceHandler(stats)
+        self._handlers = (self._subscriptions, self._services)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake: Callable[[], None] | None = None
         self._sleeper: int | None = None  # thread id of whoever sleeps on the deadline
@@ -171,10 +172,10 @@ class DeliveryCore:
 
     def _deadline_moved(self) -> Callable[[], None] | None:
         """The wake-up to call (outside the lock) if the sleeper sleeps too long now."""
-        if self._wake is None or threading.get_ident() == self._sleeper:
-            return None
-        deadline = self._order.next_deadline()
+        deadline = self._order.next_deadline()  # None at once when nothing is held
         if deadline is None or (self._armed is not None and deadline >= self._armed):
+            return None
+        if self._wake is None or threading.get_ident() == self._sleeper:
             return None
         self._armed = deadline
         return self._wake
@@ -201,7 +202,7 @@ class DeliveryCore:
             seen[message_id] = None
             if len(seen) > DEDUP_WINDOW:
                 seen.popitem(last=False)
-        for handler in (self._subscriptions, self._services):
+        for handler in self._handlers:
             try:
                 if handler.handle(email):
                     return  # one email, one owner: it is delivered (or counted) once

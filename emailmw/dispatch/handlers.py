@@ -31,7 +31,6 @@ from emailmw.info import (
     MessageInfo,
     ServiceInfo,
     Timestamp,
-    additional_headers,
     parse_sequence_number,
 )
 from emailmw.stats import DropReason, StatsCounters
@@ -205,7 +204,7 @@ class SubscriptionHandler(EmailHandler):
     @staticmethod
     def _message(email: EmailData, stamp: Timestamp, gid: Gid) -> Message:
         headers = email.headers
-        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, additional_headers(headers))
+        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, headers)
         return (email.content.body, headers.get(HEADER_MESSAGE_TYPE), info)
 
     def _deliver(self, topic: str, ready: list[Message]) -> None:
@@ -272,9 +271,7 @@ class ServiceHandler(EmailHandler):
         stamp = _source_timestamp(email)
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
-        info = ServiceInfo(
-            stamp, Timestamp(time.time_ns()), gid, sequence_number, additional_headers(headers)
-        )
+        info = ServiceInfo(stamp, Timestamp(time.time_ns()), gid, sequence_number, headers)
         if email.in_reply_to:
             client = self._clients.get(gid.value)
             if client is None:
