@@ -24,6 +24,9 @@ What is measured (all times from ``time.perf_counter_ns``):
 * throughput: publish N messages, then drain them all; one thread.
 * service round trip: ``send_request()`` → a server thread blocked in
   ``wait_for_request()`` answers → ``wait_for_response()`` (two thread hops).
+* callback dispatch: the cross-thread protocol with an ``Executor`` spinning in
+  the other thread: publish start to the subscription's callback invoked. Its
+  p50 is printed as a ratio of the cross-thread (string) p50 of the same run.
 * idle CPU: process CPU time while a subscriber waits 2 s for nothing.
 * peak RSS growth: the process's peak RSS before and after the throughput run
   (run first, so that earlier phases cannot hide it). On Linux the peak is
@@ -274,6 +277,43 @@ def bench_service(rounds: int) -> dict[str, float]:
     return summarize_ns(samples)
 
 
+def bench_callback_dispatch(rounds: int) -> dict[str, float]:
+    """Publisher thread → callback run by an executor spinning in another thread."""
+    clock = time.perf_counter_ns
+    total = WARMUP + rounds
+    invoked_at = [0] * total
+    index = 0
+    ack = threading.Lock()
+    ack.acquire()
+
+    def callback(message: str) -> None:
+        nonlocal index
+        invoked_at[index] = clock()
+        index += 1
+        ack.release()
+
+    with intra_context() as ctx:
+        sub = emailmw.Subscription("/latency", callback=callback, context=ctx)
+        pub = emailmw.Publisher("/latency", context=ctx)
+        executor = emailmw.Executor(context=ctx)
+        executor.add(sub)
+        thread = threading.Thread(target=executor.spin, name="bench-executor")
+        thread.start()
+        time.sleep(0.05)  # let the executor block first
+        sent_at = [0] * total
+        try:
+            for i in range(total):
+                sent_at[i] = clock()
+                pub.publish("ping")
+                if not ack.acquire(timeout=5.0):
+                    raise RuntimeError(f"no callback for round {i}")
+        finally:
+            executor.shutdown()
+            thread.join(timeout=5.0)
+    samples = [r - s for s, r in zip(sent_at[WARMUP:], invoked_at[WARMUP:], strict=True)]
+    return summarize_ns(samples)
+
+
 def bench_idle_cpu(seconds: float) -> dict[str, float]:
     """Process CPU time while a subscriber waits ``seconds`` for a message that never comes."""
     with intra_context() as ctx:
@@ -339,6 +379,7 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
             cross["p50_us"] <= TARGET_P50_US,
         ),
         Row("cross_thread_p99", "pub->get latency, cross thread, p99", cross["p99_us"], "us"),
+        callback_row(results["callback_dispatch"], cross),
         Row("floor_p50", "thread-hop floor (bare lock), p50", floor["p50_us"], "us"),
         Row("floor_p99", "thread-hop floor (bare lock), p99", floor["p99_us"], "us"),
         Row("service_p50", "service round trip, p50", service["p50_us"], "us"),
@@ -364,6 +405,17 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
         Row("rss_growth", "peak RSS growth, throughput run", thr["rss_growth_mib"], "MiB"),
         Row("rss_per_msg", "  per queued message", thr["rss_growth_bytes_per_msg"], "bytes"),
     ]
+
+
+def callback_row(callback: dict[str, float], cross: dict[str, float]) -> Row:
+    """Callback dispatch p50, with its ratio to the cross-thread string p50."""
+    ratio = callback["p50_us"] / cross["p50_us"]
+    return Row(
+        "callback_p50",
+        f"pub->callback (executor thread), p50: {ratio:.2f}x cross thread",
+        callback["p50_us"],
+        "us",
+    )
 
 
 def format_value(value: float, unit: str) -> str:
@@ -429,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     results["cross_thread"] = bench_cross_thread(args.rounds)
     results["thread_hop_floor"] = bench_thread_hop_floor(args.rounds)
     results["service"] = bench_service(args.rounds)
+    results["callback_dispatch"] = bench_callback_dispatch(args.rounds)
     results["idle_cpu"] = bench_idle_cpu(args.idle)
     elapsed = time.perf_counter() - started
 

@@ -35,6 +35,7 @@ from emailmw.errors import (
     UnknownRequestError,
     WaitTimeoutError,
 )
+from emailmw.executor import Executor, spin
 from emailmw.info import (
     Gid,
     MessageInfo,
@@ -69,6 +70,7 @@ __all__ = [
     "ContextState",
     "DropReason",
     "EmailmwError",
+    "Executor",
     "Gid",
     "GuardCondition",
     "GuardConditionInUseError",
@@ -98,6 +100,7 @@ __all__ = [
     "__version__",
     "init",
     "shutdown",
+    "spin",
     "stats",
     "wait_for_message",
     "wait_for_message_with_info",

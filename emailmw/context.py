@@ -86,6 +86,12 @@ class Context:
         self._stats = StatsCounters()
         self._waiters: set[Waiter] = set()
         self._waitables: weakref.WeakSet[Waitable] = weakref.WeakSet()
+        # Entities with a callback or handler, for emailmw.spin() (see executor.py):
+        # held weakly; watchers are woken when one comes or goes.
+        self._callback_entities: weakref.WeakSet[Waitable] = weakref.WeakSet()
+        self._callback_watchers: set[Waiter] = set()
+        self._callback_generation = 0
+        self._spin_executor: object | None = None  # emailmw.spin()'s, made on first use
         self._sender: EmailSender | None = None
         self._receiver: EmailReceiver | None = None
         self._core: DeliveryCore | None = None
@@ -284,6 +290,32 @@ class Context:
         """Have :meth:`shutdown` wake whoever waits on ``waitable``."""
         with self._lock:
             self._waitables.add(waitable)
+
+    def _set_callback_entity(self, entity: Waitable, present: bool) -> None:
+        """Add ``entity`` (an entity with a callback) to the entities that
+        :func:`emailmw.spin` runs, or remove it; wake the watchers either way."""
+        with self._lock:
+            if present:
+                self._callback_entities.add(entity)
+            else:
+                self._callback_entities.discard(entity)
+            self._callback_generation += 1
+            watchers = list(self._callback_watchers)
+        for waiter in watchers:
+            waiter.set()
+
+    def _callback_entity_list(self) -> tuple[int, list[Waitable]]:
+        """The entities with a callback, and a number that changes whenever they do."""
+        with self._lock:
+            return self._callback_generation, list(self._callback_entities)
+
+    def _watch_callback_entities(self, waiter: Waiter, watch: bool) -> None:
+        """Set ``waiter`` whenever an entity with a callback comes or goes (or stop)."""
+        with self._lock:
+            if watch:
+                self._callback_watchers.add(waiter)
+            else:
+                self._callback_watchers.discard(waiter)
 
 
 _global_lock = threading.Lock()

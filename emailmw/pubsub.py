@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 from emailmw.context import Context
-from emailmw.entity import Entity, check_depth
-from emailmw.errors import InvalidMessageError
+from emailmw.entity import Entity, callback_arity, check_depth
+from emailmw.errors import ContextError, InvalidMessageError
 from emailmw.info import (
     HEADER_PREVIOUS_NUMBER,
     HEADER_PREVIOUS_TIMESTAMP,
@@ -25,13 +26,16 @@ from emailmw.serialization import HEADER_MESSAGE_TYPE, Serializer, serializer_fo
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailHeaders
 from emailmw.validation import validate_headers
-from emailmw.waitable import Waitable
+from emailmw.waitable import Waitable, block_until
 
 __all__ = ["Publisher", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: What an iteration's attempt returns once the subscription is closed and drained.
+_END: tuple[()] = ()
 
 
 class Publisher(Entity, Generic[T]):
@@ -131,6 +135,13 @@ class Subscription(Entity, Waitable, Generic[T]):
     counted in :meth:`Context.stats` as ``queue_full``. With a ``message_type``
     other than ``str``, each message is validated as it arrives; one that does
     not validate is dropped, logged and counted as ``invalid_message``.
+
+    With a ``callback``, an :class:`~emailmw.Executor` (or :func:`emailmw.spin`)
+    takes the queued messages and calls ``callback(message)``, or
+    ``callback(message, info)`` if it has two required positional parameters
+    (decided once, here; see :func:`emailmw.entity.callback_arity`). Keep a
+    reference to the subscription: one that is garbage-collected stops
+    receiving. ``for message in subscription:`` yields the messages as they come.
     """
 
     _kind = "topic"
@@ -140,6 +151,7 @@ class Subscription(Entity, Waitable, Generic[T]):
         self: Subscription[str],
         topic_name: str,
         *,
+        callback: Callable[[str], object] | Callable[[str, MessageInfo], object] | None = None,
         depth: int | None = None,
         context: Context | None = None,
     ) -> None: ...
@@ -149,6 +161,7 @@ class Subscription(Entity, Waitable, Generic[T]):
         topic_name: str,
         message_type: type[T],
         *,
+        callback: Callable[[T], object] | Callable[[T, MessageInfo], object] | None = None,
         depth: int | None = None,
         context: Context | None = None,
     ) -> None: ...
@@ -158,6 +171,7 @@ class Subscription(Entity, Waitable, Generic[T]):
         topic_name: str,
         message_type: Any,
         *,
+        callback: Callable[[Any], object] | Callable[[Any, MessageInfo], object] | None = None,
         depth: int | None = None,
         context: Context | None = None,
     ) -> None: ...
@@ -166,6 +180,7 @@ class Subscription(Entity, Waitable, Generic[T]):
         topic_name: str,
         message_type: Any = str,
         *,
+        callback: Callable[..., object] | None = None,
         depth: int | None = None,
         context: Context | None = None,
     ) -> None:
@@ -173,11 +188,15 @@ class Subscription(Entity, Waitable, Generic[T]):
         self._serializer: Serializer[T] = serializer_for(message_type)
         self._plain = message_type is str
         self._message_type = message_type
+        self._callback = callback
+        self._callback_arity = 0 if callback is None else callback_arity(callback, "callback")
         self._setup(topic_name, context)
         self._depth = check_depth(depth, self._context)
         self._queue: deque[tuple[T, MessageInfo]] = deque()
         self._context._register_waitable(self)
         self._context._delivery.register_subscription(self._name, self)
+        if callback is not None:
+            self._context._set_callback_entity(self, True)
 
     @property
     def topic_name(self) -> str:
@@ -193,6 +212,11 @@ class Subscription(Entity, Waitable, Generic[T]):
     def depth(self) -> int:
         """The queue's capacity."""
         return self._depth
+
+    @property
+    def callback(self) -> Callable[..., object] | None:
+        """The callback an :class:`~emailmw.Executor` runs for each message, if any."""
+        return self._callback
 
     def has_message(self) -> bool:
         """True if a message is waiting."""
@@ -210,10 +234,51 @@ class Subscription(Entity, Waitable, Generic[T]):
         with self._lock:
             return self._queue.popleft() if self._queue else None
 
+    def __iter__(self) -> Iterator[T]:
+        """Yield the messages as they come, blocking in between.
+
+        Ends when the context shuts down, or when the subscription is closed
+        (once the messages already queued are taken). Event-driven, like
+        :func:`~emailmw.wait_for_message`. Items are taken from the same queue as
+        :meth:`get_message` (and an executor, for a subscription with a callback).
+        """
+        while True:
+            try:
+                item = block_until(self._take_or_end, [self], None)
+            except ContextError:
+                return
+            if item is None or item is _END:
+                return
+            yield item[0]
+
     # -- internal ------------------------------------------------------------------------
+
+    def _take_or_end(self) -> tuple[T] | tuple[()] | None:
+        """The next message as ``(message,)``; ``_END`` once closed and drained."""
+        self._context._check()
+        ended = self._unregistered  # read first: nothing is queued after this is set
+        with self._lock:
+            if self._queue:
+                return (self._queue.popleft()[0],)
+        return _END if ended else None
 
     def _unregister(self) -> None:
         self._context._delivery.unregister_subscription(self._name, self)
+
+    def _has_callback(self) -> bool:
+        return self._callback is not None
+
+    def _take_callback(self) -> Callable[[], object] | None:
+        callback = self._callback
+        if callback is None or self._closed:
+            return None
+        with self._lock:
+            if not self._queue:
+                return None
+            message, info = self._queue.popleft()
+        if self._callback_arity == 2:
+            return functools.partial(callback, message, info)
+        return functools.partial(callback, message)
 
     @property
     def _waitable_context(self) -> Context:

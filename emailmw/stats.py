@@ -40,6 +40,8 @@ class Stats:
     received: int = 0
     delivered: int = 0
     reconnects: int = 0
+    #: callbacks and service handlers that raised (see :class:`~emailmw.Executor`)
+    callback_errors: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -53,7 +55,15 @@ class StatsCounters:
 
     __slots__ = ("_counts", "_dropped", "_lock")
 
-    _NAMES = ("sent", "send_retries", "send_failures", "received", "delivered", "reconnects")
+    _NAMES = (
+        "sent",
+        "send_retries",
+        "send_failures",
+        "received",
+        "delivered",
+        "reconnects",
+        "callback_errors",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

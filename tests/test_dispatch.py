@@ -291,7 +291,8 @@ def test_shutdown_is_prompt_while_a_message_is_held(
     manager: PollingManager, receiver: FakeReceiver, core: DeliveryCore
 ) -> None:
     # The thread sleeps on a (fake, far) deadline: shutdown still ends it at once.
-    core.register_subscription("/t", FakeSubscription())
+    sub = FakeSubscription()  # referenced: routes hold entities weakly
+    core.register_subscription("/t", sub)
     manager.start()
     core.dispatch_batch(numbered(2))
     assert core.held_count == 1
@@ -703,7 +704,8 @@ def test_a_response_for_an_unknown_client_is_unmatched(
 def test_a_response_its_client_does_not_wait_for_is_not_unmatched(
     core: DeliveryCore, stats: StatsCounters
 ) -> None:
-    assert core.register_service_client(Gid(9), FakeClient(pending=False))
+    client = FakeClient(pending=False)  # referenced: routes hold entities weakly
+    assert core.register_service_client(Gid(9), client)
     core.dispatch(service_email(gid="9", in_reply_to="<req@x>"))
     assert stats.snapshot().dropped_total == 0
 
@@ -792,7 +794,8 @@ class Wakes:
 
 
 def test_arm_returns_the_earliest_deadline(core: DeliveryCore, clock: FakeClock) -> None:
-    core.register_subscription("/t", FakeSubscription())
+    sub = FakeSubscription()  # referenced: routes hold entities weakly
+    core.register_subscription("/t", sub)
     assert core.arm() is None
     start = clock.now
     core.dispatch_batch(numbered(3, gid=1))
@@ -806,7 +809,8 @@ def test_arm_returns_the_earliest_deadline(core: DeliveryCore, clock: FakeClock)
 def test_a_dispatch_in_another_thread_wakes_the_sleeper_only_when_it_makes_the_deadline_earlier(
     core: DeliveryCore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    core.register_subscription("/t", FakeSubscription())
+    sub = FakeSubscription()  # referenced: routes hold entities weakly
+    core.register_subscription("/t", sub)
     wakes = Wakes()
     core.bind_wake(wakes, threading.current_thread())  # this thread is the sleeper
     assert core.arm() is None  # it sleeps with no deadline
@@ -829,7 +833,8 @@ def test_a_dispatch_in_another_thread_wakes_the_sleeper_only_when_it_makes_the_d
 
 
 def test_the_sleepers_own_dispatch_does_not_wake_it(core: DeliveryCore, clock: FakeClock) -> None:
-    core.register_subscription("/t", FakeSubscription())
+    sub = FakeSubscription()  # referenced: routes hold entities weakly
+    core.register_subscription("/t", sub)
     wakes = Wakes()
     core.bind_wake(wakes, threading.current_thread())
     assert core.arm() is None
@@ -842,7 +847,8 @@ def test_the_sleepers_own_dispatch_does_not_wake_it(core: DeliveryCore, clock: F
 
 
 def test_a_wake_up_is_not_called_under_the_core_lock(core: DeliveryCore, clock: FakeClock) -> None:
-    core.register_subscription("/t", FakeSubscription())
+    sub = FakeSubscription()  # referenced: routes hold entities weakly
+    core.register_subscription("/t", sub)
     seen: list[int | None] = []
     # The wake-up may take other locks (the receiver's): it must run outside the core's.
     core.bind_wake(lambda: seen.append(core.held_count), threading.current_thread())

@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "emailmw.service": 4,
     # 5 waiting on entities
     "emailmw.wait": 5,
+    "emailmw.executor": 5,  # runs the callbacks of entities
     # 6 applications of the library: the CLI, the demo, the public package
     "emailmw.commands": 6,
     "emailmw.demo": 6,

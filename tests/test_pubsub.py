@@ -400,8 +400,8 @@ def test_close_stops_new_messages_but_keeps_waiting_ones(ctx: Context) -> None:
 
 
 def test_stats_count_sent_received_delivered(ctx: Context) -> None:
-    Subscription("/s", context=ctx)
-    Subscription("/s", context=ctx)
+    # kept referenced: a garbage-collected subscription is no longer routed to
+    subs = [Subscription("/s", context=ctx), Subscription("/s", context=ctx)]
     pub = Publisher("/s", context=ctx)
     for _ in range(3):
         pub.publish("x")
@@ -411,6 +411,7 @@ def test_stats_count_sent_received_delivered(ctx: Context) -> None:
     assert snapshot.received == 4
     assert snapshot.delivered == 3 * 2 + 1
     assert snapshot.dropped_total == 0
+    assert all(sub.has_message() for sub in subs)
 
 
 def test_entities_use_the_global_context(global_ctx: Context) -> None:

@@ -9,13 +9,20 @@
 
 An email that carries our headers with values that do not parse is logged and
 counted as malformed; one that carries none of them is not for these handlers.
+
+Routes hold entities weakly: an entity that is garbage-collected without
+``close()`` is no longer routed to. Its weak reference marks the handler
+(``_dead_routes``, a plain flag: the collection may happen in any thread, even
+one that holds the core's lock) and the handler prunes its routes the next
+time it is used, under the core's lock.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+import weakref
+from typing import Any, Protocol, TypeVar
 
 from emailmw.dispatch.ordering import PublicationOrder
 from emailmw.info import (
@@ -55,6 +62,8 @@ REORDER_WINDOW = 5.0
 #: A message as the order holds it: body, ``Message-Type`` header, metadata.
 Message = tuple[str, "str | None", MessageInfo]
 
+S = TypeVar("S")
+
 
 class MessageSink(Protocol):
     """What a subscription offers the subscription handler."""
@@ -89,10 +98,35 @@ class EmailHandler:
 
     def __init__(self, stats: StatsCounters) -> None:
         self._stats = stats
+        self._dead_routes = False
 
     def handle(self, email: EmailData) -> bool:
         """Route ``email``; return True if it was for this handler."""
         raise NotImplementedError
+
+    @property
+    def route_count(self) -> int:
+        """How many entities are routed to (after pruning the collected ones)."""
+        self._prune_if_needed()
+        return self._count_routes()
+
+    def _ref(self, entity: S) -> weakref.ref[S]:
+        """A weak reference to ``entity`` that marks the routes dirty when it dies."""
+        return weakref.ref(entity, self._route_died)
+
+    def _route_died(self, _ref: weakref.ref[Any]) -> None:
+        self._dead_routes = True  # no lock: see the module docstring
+
+    def _prune_if_needed(self) -> None:
+        if self._dead_routes:
+            self._dead_routes = False  # before pruning: a death meanwhile sets it again
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop the routes to collected entities."""
+
+    def _count_routes(self) -> int:
+        return 0
 
     def _malformed(self, email: EmailData, reason: str) -> bool:
         logger.warning(
@@ -122,20 +156,33 @@ class SubscriptionHandler(EmailHandler):
         super().__init__(stats)
         self._order = order
         self._reorder_window = reorder_window
-        self._subscriptions: dict[str, tuple[MessageSink, ...]] = {}
+        self._subscriptions: dict[str, tuple[weakref.ref[MessageSink], ...]] = {}
 
     def register(self, topic_name: str, subscription: MessageSink) -> None:
         """Deliver messages on ``topic_name`` to ``subscription`` from now on."""
+        self._prune_if_needed()
         subs = self._subscriptions.get(topic_name, ())
-        self._subscriptions[topic_name] = (*subs, subscription)
+        self._subscriptions[topic_name] = (*subs, self._ref(subscription))
 
     def unregister(self, topic_name: str, subscription: MessageSink) -> None:
         """Stop delivering to ``subscription``."""
-        subs = tuple(s for s in self._subscriptions.get(topic_name, ()) if s is not subscription)
+        self._prune_if_needed()
+        subs = tuple(r for r in self._subscriptions.get(topic_name, ()) if r() is not subscription)
         if subs:
             self._subscriptions[topic_name] = subs
         else:
             self._subscriptions.pop(topic_name, None)
+
+    def _prune(self) -> None:
+        for topic, refs in list(self._subscriptions.items()):
+            alive = tuple(r for r in refs if r() is not None)
+            if alive:
+                self._subscriptions[topic] = alive
+            else:
+                del self._subscriptions[topic]
+
+    def _count_routes(self) -> int:
+        return sum(len(refs) for refs in self._subscriptions.values())
 
     def handle(self, email: EmailData) -> bool:
         """Deliver a message to the subscriptions on its topic (False: nobody wants it)."""
@@ -150,6 +197,7 @@ class SubscriptionHandler(EmailHandler):
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
         topic = email.content.subject
+        self._prune_if_needed()
         wanted = bool(self._subscriptions.get(topic))
         number_text = headers.get(HEADER_PUBLICATION_NUMBER)
         if number_text is None:  # not numbered (another implementation): as it comes
@@ -208,7 +256,7 @@ class SubscriptionHandler(EmailHandler):
         return (email.content.body, headers.get(HEADER_MESSAGE_TYPE), info)
 
     def _deliver(self, topic: str, ready: list[Message]) -> None:
-        subscriptions = self._subscriptions.get(topic, ())
+        subscriptions = [s for r in self._subscriptions.get(topic, ()) if (s := r()) is not None]
         for body, message_type, info in ready:
             delivered = 0
             for subscription in subscriptions:
@@ -225,16 +273,18 @@ class ServiceHandler(EmailHandler):
 
     def __init__(self, stats: StatsCounters) -> None:
         super().__init__(stats)
-        self._servers: dict[str, tuple[RequestSink, ...]] = {}
-        self._clients: dict[int, ResponseSink] = {}
+        self._servers: dict[str, tuple[weakref.ref[RequestSink], ...]] = {}
+        self._clients: dict[int, weakref.ref[ResponseSink]] = {}
 
     def register_server(self, service_name: str, server: RequestSink) -> None:
         """Deliver requests for ``service_name`` to ``server`` from now on."""
-        self._servers[service_name] = (*self._servers.get(service_name, ()), server)
+        self._prune_if_needed()
+        self._servers[service_name] = (*self._servers.get(service_name, ()), self._ref(server))
 
     def unregister_server(self, service_name: str, server: RequestSink) -> None:
         """Stop delivering to ``server``."""
-        servers = tuple(s for s in self._servers.get(service_name, ()) if s is not server)
+        self._prune_if_needed()
+        servers = tuple(r for r in self._servers.get(service_name, ()) if r() is not server)
         if servers:
             self._servers[service_name] = servers
         else:
@@ -242,14 +292,30 @@ class ServiceHandler(EmailHandler):
 
     def register_client(self, gid: Gid, client: ResponseSink) -> bool:
         """Deliver responses addressed to ``gid`` to ``client``; False if ``gid`` is taken."""
+        self._prune_if_needed()
         if gid.value in self._clients:
             return False
-        self._clients[gid.value] = client
+        self._clients[gid.value] = self._ref(client)
         return True
 
     def unregister_client(self, gid: Gid) -> None:
         """Stop delivering responses addressed to ``gid``."""
+        self._prune_if_needed()
         self._clients.pop(gid.value, None)
+
+    def _prune(self) -> None:
+        for name, refs in list(self._servers.items()):
+            alive = tuple(r for r in refs if r() is not None)
+            if alive:
+                self._servers[name] = alive
+            else:
+                del self._servers[name]
+        for value, ref in list(self._clients.items()):
+            if ref() is None:
+                del self._clients[value]
+
+    def _count_routes(self) -> int:
+        return sum(len(refs) for refs in self._servers.values()) + len(self._clients)
 
     def handle(self, email: EmailData) -> bool:
         """Deliver a request to its servers, or a response to its client."""
@@ -272,8 +338,10 @@ class ServiceHandler(EmailHandler):
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
         info = ServiceInfo(stamp, Timestamp(time.time_ns()), gid, sequence_number, headers)
+        self._prune_if_needed()
         if email.in_reply_to:
-            client = self._clients.get(gid.value)
+            ref = self._clients.get(gid.value)
+            client = None if ref is None else ref()
             if client is None:
                 return False
             if not client._push_response(
@@ -285,7 +353,9 @@ class ServiceHandler(EmailHandler):
                     sequence_number,
                 )
             return True
-        servers = self._servers.get(email.content.subject, ())
+        servers = [
+            s for r in self._servers.get(email.content.subject, ()) if (s := r()) is not None
+        ]
         if not servers:
             return False
         delivered = 0
