@@ -14,6 +14,7 @@ from typing import ClassVar, Literal, Self
 from emailmw.context import Context, resolve_context
 from emailmw.info import Gid
 from emailmw.validation import validate_name
+from emailmw.waitable import Waitable
 
 __all__ = ["Entity", "check_depth"]
 
@@ -50,6 +51,8 @@ class Entity:
         if not self._closed:
             self._closed = True
             self._unregister()
+            if isinstance(self, Waitable):
+                self._wake()  # an iteration over this entity ends
 
     def _unregister(self) -> None:
         """Unregister from the context's delivery core (called once, by :meth:`close`)."""

@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar, overload
 
+from emailmw.aio import AsyncClientMixin, AsyncServerMixin
 from emailmw.context import Context
 from emailmw.entity import Entity, check_depth
 from emailmw.errors import InvalidMessageError, UnknownRequestError
@@ -79,7 +80,7 @@ def _load(
         return False, None
 
 
-class ServiceClient(Entity, Waitable, Generic[Req, Resp]):
+class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
     """Sends requests to a service and collects the responses.
 
     :meth:`send_request` returns a sequence number unique to this client;
@@ -265,7 +266,7 @@ class ServiceClient(Entity, Waitable, Generic[Req, Resp]):
         return True
 
 
-class ServiceServer(Entity, Waitable, Generic[Req, Resp]):
+class ServiceServer(Entity, Waitable, AsyncServerMixin, Generic[Req, Resp]):
     """Receives requests for a service and sends responses back.
 
     Requests wait in a bounded queue of ``depth`` entries (the oldest dropped
