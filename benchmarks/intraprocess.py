@@ -18,6 +18,10 @@ What is measured (all times from ``time.perf_counter_ns``):
   bare lock) before the next round, so messages never queue up.
 * thread-hop floor: the same protocol with a bare ``threading.Lock`` in place
   of emailmw: the cost of waking a blocked thread on this machine and Python.
+* asyncio round trip: ``await apublish()`` then ``await aget()`` in one task
+  (the publish runs in the loop's default executor; the message comes back to
+  the loop through ``call_soon_threadsafe``), next to the same-thread round trip
+  of the same run, with their ratio.
 * throughput: publish N messages, then drain them all; one thread.
 * service round trip: ``send_request()`` → a server thread blocked in
   ``wait_for_request()`` answers → ``wait_for_response()`` (two thread hops).
@@ -34,6 +38,7 @@ The benchmark only prints; nothing here is asserted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -151,6 +156,26 @@ def bench_same_thread(rounds: int) -> dict[str, float]:
             wait(sub, 1.0)
             samples.append(clock() - start)
     return summarize_ns(samples)
+
+
+def bench_asyncio(rounds: int) -> dict[str, float]:
+    """``await apublish()`` then ``await aget()`` in one task, one message at a time."""
+
+    async def run() -> list[int]:
+        async with intra_context() as ctx:
+            sub = emailmw.Subscription("/latency", context=ctx)
+            pub = emailmw.Publisher("/latency", context=ctx)
+            clock = time.perf_counter_ns
+            samples = []
+            for i in range(WARMUP + rounds):
+                start = clock()
+                await pub.apublish("ping")
+                await sub.aget(1.0)
+                if i >= WARMUP:
+                    samples.append(clock() - start)
+            return samples
+
+    return summarize_ns(asyncio.run(run()))
 
 
 def one_way(rounds: int, send: Callable[[], None], receive: Callable[[], None]) -> list[int]:
@@ -279,6 +304,8 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
         results["thread_hop_floor"],
     )
     service, thr, idle = results["service"], results["throughput"], results["idle_cpu"]
+    aio = results["asyncio"]
+    aio_ratio = aio["p50_us"] / same["p50_us"]
     p50_target = f"<= {TARGET_P50_US:.0f} us"
     return [
         Row(
@@ -290,6 +317,12 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
             same["p50_us"] <= TARGET_P50_US,
         ),
         Row("same_thread_p99", "pub->get latency, same thread, p99", same["p99_us"], "us"),
+        Row(
+            "asyncio_p50",
+            f"asyncio round trip (apublish->aget), p50, {aio_ratio:.1f}x same thread",
+            aio["p50_us"],
+            "us",
+        ),
         Row(
             "cross_thread_p50",
             "pub->get latency, cross thread, p50",
@@ -382,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     # Throughput first: its peak RSS growth must not hide behind earlier phases.
     results["throughput"] = bench_throughput(args.n)
     results["same_thread"] = bench_same_thread(args.rounds)
+    results["asyncio"] = bench_asyncio(args.rounds)
     results["cross_thread"] = bench_cross_thread(args.rounds)
     results["thread_hop_floor"] = bench_thread_hop_floor(args.rounds)
     results["service"] = bench_service(args.rounds)

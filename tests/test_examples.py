@@ -1,11 +1,13 @@
 """Run each intraprocess example as a user would and check what it prints.
 
-Only the examples that need no mail server: ``examples/*intraprocess*.py``
-and ``examples/waitset_guard_condition.py``.
+Only the examples that need no mail server: ``examples/*intraprocess*.py``,
+``examples/waitset_guard_condition.py`` and ``examples/asyncio_pubsub.py``
+(intraprocess unless ``EMAIL_CONFIG_FILE`` is set, which these runs unset).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,13 @@ EXPECTED: dict[str, list[str]] = {
         "sequence number 4",
         "server: context shut down, stopping",
     ],
+    "asyncio_pubsub.py": [
+        "received: 'hello #1'",
+        "received: 'hello #3'",
+        "async for ended after 3 messages",
+        "aget timed out: no message on '/quiet' within 0.1 s",
+        "acall: 'make me loud' -> 'MAKE ME LOUD'",
+    ],
     "waitset_guard_condition.py": [
         "/temperature: 20.5 C",
         "/humidity: 50 %",
@@ -45,7 +54,11 @@ EXPECTED: dict[str, list[str]] = {
 
 
 def _examples() -> list[Path]:
-    found = {*EXAMPLES.glob("*intraprocess*.py"), EXAMPLES / "waitset_guard_condition.py"}
+    found = {
+        *EXAMPLES.glob("*intraprocess*.py"),
+        EXAMPLES / "waitset_guard_condition.py",
+        EXAMPLES / "asyncio_pubsub.py",
+    }
     return sorted(found)
 
 
@@ -64,6 +77,7 @@ def test_example_runs(example: Path, tmp_path: Path) -> None:
         text=True,
         timeout=30,
         check=False,
+        env={name: value for name, value in os.environ.items() if name != "EMAIL_CONFIG_FILE"},
     )
     assert result.returncode == 0, (
         f"{example.name} exited {result.returncode}\n"
