@@ -21,6 +21,10 @@ What is measured (all times from ``time.perf_counter_ns``):
 * typed round trip: as same-thread latency, with a pydantic model as the
   message type (JSON encoding and validation on both ends); printed with its
   ratio to the string round trip of the same run.
+* asyncio round trip: ``await apublish()`` then ``await aget()`` in one task
+  (the publish runs in the loop's default executor; the message comes back to
+  the loop through ``call_soon_threadsafe``), next to the same-thread round trip
+  of the same run, with their ratio.
 * throughput: publish N messages, then drain them all; one thread.
 * service round trip: ``send_request()`` → a server thread blocked in
   ``wait_for_request()`` answers → ``wait_for_response()`` (two thread hops).
@@ -40,6 +44,7 @@ The benchmark only prints; nothing here is asserted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -187,6 +192,26 @@ def bench_typed(rounds: int) -> dict[str, float]:
             wait(sub, 1.0)
             samples.append(clock() - start)
     return summarize_ns(samples)
+
+
+def bench_asyncio(rounds: int) -> dict[str, float]:
+    """``await apublish()`` then ``await aget()`` in one task, one message at a time."""
+
+    async def run() -> list[int]:
+        async with intra_context() as ctx:
+            sub = emailmw.Subscription("/latency", context=ctx)
+            pub = emailmw.Publisher("/latency", context=ctx)
+            clock = time.perf_counter_ns
+            samples = []
+            for i in range(WARMUP + rounds):
+                start = clock()
+                await pub.apublish("ping")
+                await sub.aget(1.0)
+                if i >= WARMUP:
+                    samples.append(clock() - start)
+            return samples
+
+    return summarize_ns(asyncio.run(run()))
 
 
 def one_way(rounds: int, send: Callable[[], None], receive: Callable[[], None]) -> list[int]:
@@ -352,6 +377,8 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
         results["thread_hop_floor"],
     )
     service, thr, idle = results["service"], results["throughput"], results["idle_cpu"]
+    aio = results["asyncio"]
+    aio_ratio = aio["p50_us"] / same["p50_us"]
     p50_target = f"<= {TARGET_P50_US:.0f} us"
     return [
         Row(
@@ -368,6 +395,12 @@ def build_rows(results: dict[str, dict[str, float]]) -> list[Row]:
             "  typed (pydantic model) round trip, p50 "
             f"({results['typed']['p50_us'] / same['p50_us']:.1f}x str)",
             results["typed"]["p50_us"],
+            "us",
+        ),
+        Row(
+            "asyncio_p50",
+            f"asyncio round trip (apublish->aget), p50, {aio_ratio:.1f}x same thread",
+            aio["p50_us"],
             "us",
         ),
         Row(
@@ -478,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     results["typed"]["p50_ratio_to_str"] = (
         results["typed"]["p50_us"] / results["same_thread"]["p50_us"]
     )
+    results["asyncio"] = bench_asyncio(args.rounds)
     results["cross_thread"] = bench_cross_thread(args.rounds)
     results["thread_hop_floor"] = bench_thread_hop_floor(args.rounds)
     results["service"] = bench_service(args.rounds)

@@ -15,6 +15,7 @@ import threading
 import weakref
 from types import TracebackType
 
+from emailmw.aio import AsyncContextMixin
 from emailmw.dispatch.core import DeliveryCore
 from emailmw.dispatch.polling import PollingManager
 from emailmw.errors import ContextError
@@ -67,7 +68,7 @@ def _resolve_options(options: OptionsLike) -> Options:
     raise TypeError(f"options must be Options, a path or None, not {type(options).__name__}")
 
 
-class Context:
+class Context(AsyncContextMixin):
     """Holds everything a set of entities shares.
 
     ``Context(options)`` only reads the configuration; :meth:`init` connects to

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
+from emailmw.aio import AsyncPublisherMixin, AsyncSubscriptionMixin
 from emailmw.context import Context
 from emailmw.entity import Entity, callback_arity, check_depth
 from emailmw.errors import ContextError, InvalidMessageError
@@ -38,7 +39,7 @@ T = TypeVar("T")
 _END: tuple[()] = ()
 
 
-class Publisher(Entity, Generic[T]):
+class Publisher(Entity, AsyncPublisherMixin, Generic[T]):
     """Publishes messages on one topic: each message is one email.
 
     The email's subject is the topic name and its body the message; the
@@ -127,7 +128,7 @@ class Publisher(Entity, Generic[T]):
             self._accepted = (number, stamp)
 
 
-class Subscription(Entity, Waitable, Generic[T]):
+class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
     """Receives the messages published on one topic, in arrival order.
 
     Messages wait in a bounded queue of ``depth`` entries (default: the

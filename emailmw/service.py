@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, overload
 
+from emailmw.aio import AsyncClientMixin, AsyncServerMixin
 from emailmw.context import Context, ContextState
 from emailmw.entity import Entity, callback_arity, check_depth
 from emailmw.errors import (
@@ -169,7 +170,7 @@ def _load(
         return False, None
 
 
-class ServiceClient(Entity, Waitable, Generic[Req, Resp]):
+class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
     """Sends requests to a service and collects the responses.
 
     :meth:`send_request` returns a sequence number unique to this client;
@@ -475,7 +476,7 @@ class ServiceClient(Entity, Waitable, Generic[Req, Resp]):
         return True
 
 
-class ServiceServer(Entity, Waitable, Generic[Req, Resp]):
+class ServiceServer(Entity, Waitable, AsyncServerMixin, Generic[Req, Resp]):
     """Receives requests for a service and sends responses back.
 
     Requests wait in a bounded queue of ``depth`` entries (the oldest dropped

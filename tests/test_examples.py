@@ -1,8 +1,9 @@
 """Run each intraprocess example as a user would and check what it prints.
 
 The examples that need no mail server: ``examples/*intraprocess*.py``,
-``examples/waitset_guard_condition.py`` and ``examples/typed_pubsub.py`` (which
-also runs against the real dev server when ``$EMAIL_CONFIG_FILE`` is set).
+``examples/waitset_guard_condition.py``, ``examples/asyncio_pubsub.py`` and
+``examples/typed_pubsub.py`` (which also runs against the real dev server when
+``$EMAIL_CONFIG_FILE`` is set).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ EXPECTED: dict[str, list[str]] = {
         "refused: message must be a Reading, got dict",
         "stats: sent=2 delivered=2 dropped=0",
     ],
+    "asyncio_pubsub.py": [
+        "received: 'hello #1'",
+        "received: 'hello #3'",
+        "async for ended after 3 messages",
+        "aget timed out: no message on '/quiet' within 0.1 s",
+        "acall: 'make me loud' -> 'MAKE ME LOUD'",
+    ],
     "waitset_guard_condition.py": [
         "/temperature: 20.5 C",
         "/humidity: 50 %",
@@ -59,6 +67,7 @@ def _examples() -> list[Path]:
         *EXAMPLES.glob("*intraprocess*.py"),
         EXAMPLES / "waitset_guard_condition.py",
         EXAMPLES / "typed_pubsub.py",
+        EXAMPLES / "asyncio_pubsub.py",
     }
     return sorted(found)
 

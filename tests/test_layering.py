@@ -55,6 +55,8 @@ LAYERS: dict[str, int] = {
     # 3 context
     "emailmw.context": 3,
     "emailmw.options": 3,  # reading files and the environment: the context's business
+    # asyncio twins, mixins of the context and the entities (on protocols, not on them)
+    "emailmw.aio": 3,
     # 4 entities
     "emailmw.entity": 4,
     "emailmw.serialization": 4,  # message types: how a typed value becomes a body
