@@ -2,13 +2,22 @@
 
 Quick start (no mail server needed)::
 
+    from pydantic import BaseModel
+
     import emailmw
 
+    class Point(BaseModel):
+        x: float
+        y: float
+
     emailmw.init(emailmw.Options(intraprocess=True))
-    sub = emailmw.Subscription("/chatter")
-    emailmw.Publisher("/chatter").publish("hello")
+    sub = emailmw.Subscription("/points", Point)  # str if no type is given
+    emailmw.Publisher("/points", Point).publish(Point(x=1, y=2))
     print(emailmw.wait_for_message(sub, timeout=1.0))
     emailmw.shutdown()
+
+Callbacks run in an :class:`Executor` (or ``emailmw.spin()``); every entity also
+has an asyncio twin (``apublish``, ``aget``, ``async for``, ``acall``, ...).
 
 Everything listed in ``__all__`` is the public API.
 """
