@@ -47,6 +47,19 @@ EXPECTED: dict[str, list[str]] = {
         "refused: message must be a Reading, got dict",
         "stats: sent=2 delivered=2 dropped=0",
     ],
+    "callbacks.py": [
+        "call: 'MAKE ME LOUD'",
+        "callback: 'hello #1' from publisher",
+        "callback: 'hello #3' from publisher",
+        "executor stopped after 3 messages",
+        "callback errors: 0",
+    ],
+    "service_call.py": [
+        "call: 12.0",
+        "futures: [10.0, 2.25]",
+        "refused: request must be a Rectangle, got str",
+        "/area: sent=6 delivered=6",
+    ],
     "asyncio_pubsub.py": [
         "received: 'hello #1'",
         "received: 'hello #3'",
@@ -68,6 +81,8 @@ def _examples() -> list[Path]:
         EXAMPLES / "waitset_guard_condition.py",
         EXAMPLES / "typed_pubsub.py",
         EXAMPLES / "asyncio_pubsub.py",
+        EXAMPLES / "callbacks.py",
+        EXAMPLES / "service_call.py",
     }
     return sorted(found)
 
@@ -111,11 +126,16 @@ def test_example_runs(example: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.mailstack
-def test_typed_pubsub_over_a_real_mailbox(dev_server: DevServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name", ["typed_pubsub.py", "callbacks.py", "service_call.py", "asyncio_pubsub.py"]
+)
+def test_the_issue_examples_run_over_a_real_mailbox(
+    dev_server: DevServer, tmp_path: Path, name: str
+) -> None:
     folder, address = dev_server.new_mailbox("alice")
     config = dev_server.write_config("alice", tmp_path / "alice.yml", mailbox=folder, to=address)
-    result = _run(EXAMPLES / "typed_pubsub.py", tmp_path, config)
+    result = _run(EXAMPLES / name, tmp_path, config)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    for expected in EXPECTED["typed_pubsub.py"]:
+    for expected in EXPECTED[name]:
         assert expected in result.stdout, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
