@@ -47,6 +47,7 @@ __all__ = [
     "HEADER_SEQUENCE_NUMBER",
     "HEADER_SOURCE_TIMESTAMP",
     "METADATA_HEADERS",
+    "NO_HEADERS",
     "OWN_HEADERS",
     "Gid",
     "MessageInfo",
@@ -85,7 +86,9 @@ HEADER_SIGNATURE = "Emailmw-Signature"
 #: Every header name emailmw writes itself (lower case): the metadata, the body's
 #: type and the signature. The rest of a received email's headers are "additional".
 OWN_HEADERS = METADATA_HEADERS | {HEADER_MESSAGE_TYPE.lower(), HEADER_SIGNATURE.lower()}
-_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+#: An empty read-only mapping (the headers of a message that has no additional ones).
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_NO_HEADERS = NO_HEADERS
 
 
 def additional_headers(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> Mapping[str, str]:

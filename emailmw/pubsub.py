@@ -102,7 +102,6 @@ class Publisher(Entity, AsyncPublisherMixin, Generic[T]):
         serializer = self._serializer
         body = serializer.dump(message, "message")
         context = self._context
-        context._check()
         headers = EmailHeaders()
         if additional_headers:
             for name, value in validate_headers(additional_headers).items():

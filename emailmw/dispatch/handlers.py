@@ -34,6 +34,7 @@ from emailmw.info import (
     HEADER_PUBLISHER_GID,
     HEADER_SEQUENCE_NUMBER,
     HEADER_SOURCE_TIMESTAMP,
+    NO_HEADERS,
     Gid,
     MessageInfo,
     ServiceInfo,
@@ -197,13 +198,14 @@ class SubscriptionHandler(EmailHandler):
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
         topic = email.content.subject
-        self._prune_if_needed()
+        if self._dead_routes:
+            self._prune_if_needed()
         wanted = bool(self._subscriptions.get(topic))
         number_text = headers.get(HEADER_PUBLICATION_NUMBER)
         if number_text is None:  # not numbered (another implementation): as it comes
             if not wanted:
                 return False
-            self._deliver(topic, [self._message(email, stamp, gid)])
+            self._deliver(topic, [self._message(email, stamp, gid, 2)])
             return True
         number = parse_sequence_number(number_text)
         if number is None or number < 1:
@@ -221,7 +223,11 @@ class SubscriptionHandler(EmailHandler):
                     email, f"bad {HEADER_PREVIOUS_NUMBER} {previous_number_text[:40]!r}"
                 )
             previous_number = parsed
-        item = self._message(email, stamp, gid) if wanted else None
+        if wanted:
+            own = 3 + (previous_text is not None) + (previous_number_text is not None)
+            item = self._message(email, stamp, gid, own)
+        else:
+            item = None
         ready = self._order.add(
             topic,
             gid.value,
@@ -250,16 +256,26 @@ class SubscriptionHandler(EmailHandler):
             self._deliver(topic, ready)
 
     @staticmethod
-    def _message(email: EmailData, stamp: Timestamp, gid: Gid) -> Message:
+    def _message(email: EmailData, stamp: Timestamp, gid: Gid, own: int) -> Message:
+        """The message as the order holds it. ``own``: how many of emailmw's headers
+        the email is known to carry; with no other header, the info keeps none (a
+        queued message then holds no reference to the email's headers)."""
         headers = email.headers
-        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, headers)
-        return (email.content.body, headers.get(HEADER_MESSAGE_TYPE), info)
+        message_type = headers.get(HEADER_MESSAGE_TYPE)
+        if message_type is not None:
+            own += 1
+        extra = headers if len(headers) > own else NO_HEADERS
+        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, extra)
+        return (email.content.body, message_type, info)
 
     def _deliver(self, topic: str, ready: list[Message]) -> None:
-        subscriptions = [s for r in self._subscriptions.get(topic, ()) if (s := r()) is not None]
+        routes = self._subscriptions.get(topic, ())
         for body, message_type, info in ready:
             delivered = 0
-            for subscription in subscriptions:
+            for route in routes:
+                subscription = route()
+                if subscription is None:
+                    continue  # collected: pruned at the next use
                 try:
                     if subscription._push_message(body, message_type, info):
                         delivered += 1
