@@ -92,7 +92,6 @@ class _Stream(Generic[T]):
     last: Link = (-1, None)  # the last link released (the usual predecessor)
     last_ns: int = 0  # when the newest released message was published
     recent: OrderedDict[tuple[int, int], None] = field(default_factory=OrderedDict)
-    recent_numbers: dict[int, int] = field(default_factory=dict)  # number -> links
     held: dict[tuple[int, int], _Held[T]] = field(default_factory=dict)
     waiting: dict[Link, list[tuple[int, int]]] = field(default_factory=dict)
     deadline: float | None = None
@@ -100,15 +99,15 @@ class _Stream(Generic[T]):
     def released(self, link: Link) -> bool:
         """Whether ``link`` (or, without a timestamp, its number) was released."""
         number, stamp = link
-        if stamp is None:
-            return number in self.recent_numbers
+        if stamp is None:  # rare: a sender that names no timestamp
+            return any(n == number for n, _ in self.recent)
         return (number, stamp) in self.recent
 
     def forgotten(self, number: int) -> bool:
         """Whether ``number`` is older than every number this stream remembers: its
         chain went past it long ago (released, or given up), so it is not waited for."""
-        numbers = self.recent_numbers
-        return len(self.recent) >= RECENT_NUMBERS and number < min(numbers)
+        recent = self.recent
+        return len(recent) >= RECENT_NUMBERS and number < min(n for n, _ in recent)
 
 
 class PublicationOrder(Generic[T]):
@@ -244,7 +243,7 @@ class PublicationOrder(Generic[T]):
             if it is not None:
                 ready.append(it)
             followers = stream.waiting.pop(current, [])
-            if stream.recent_numbers.get(current[0]) == 1:  # named without a timestamp
+            if stream.waiting:  # some may have named it without a timestamp
                 followers += stream.waiting.pop((current[0], None), [])
             for follower in sorted(followers, reverse=True):
                 held = stream.held.pop(follower, None)
@@ -253,21 +252,14 @@ class PublicationOrder(Generic[T]):
 
     def _remember(self, stream: _Stream[T], link: tuple[int, int]) -> None:
         stream.last = link
-        number, stamp = link
+        stamp = link[1]
         stream.last_ns = max(stream.last_ns, stamp)
         recent = stream.recent
         if link in recent:
             return
         recent[link] = None
-        numbers = stream.recent_numbers
-        numbers[number] = numbers.get(number, 0) + 1
         if len(recent) > RECENT_NUMBERS:
-            (old, _), _ = recent.popitem(last=False)
-            count = numbers[old]
-            if count == 1:
-                del numbers[old]
-            else:
-                numbers[old] = count - 1
+            recent.popitem(last=False)
 
     def _progress(self, key: tuple[str, int], stream: _Stream[T]) -> None:
         if stream.held:
