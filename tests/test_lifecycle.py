@@ -106,7 +106,11 @@ def test_shutdown_aborts_a_publish_stuck_on_a_silent_smtp_server(
 
 @pytest.mark.parametrize("receive_mode", ["poll", "idle", "auto"])
 def test_shutdown_is_prompt_while_the_imap_server_is_silent(
-    dev_server: DevServer, folder: tuple[str, str], proxy_imap: Any, receive_mode: str
+    dev_server: DevServer,
+    folder: tuple[str, str],
+    proxy_imap: Any,
+    receive_mode: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     before = poll_threads()
     options = config_for(dev_server, folder, imap_port=proxy_imap.port, receive_mode=receive_mode)
@@ -121,6 +125,9 @@ def test_shutdown_is_prompt_while_the_imap_server_is_silent(
     took = time.monotonic() - started
     assert took < PROMPT, f"shutdown() took {took:.2f} s in {receive_mode} mode"
     assert poll_threads() == before, "the polling thread outlived shutdown()"
+    # the aborted command is the shutdown, not a lost connection: no warning, no reconnect
+    assert ctx.stats().reconnects == 0
+    assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
 
 
 def test_shutdown_during_init_to_a_silent_server_is_prompt() -> None:

@@ -448,6 +448,12 @@ class ImapEmailReceiver(EmailReceiver):
         return session
 
     def _lose(self, session: Session, exc: BaseException) -> None:
+        if self._closed:  # close() shut the socket down under a command: not a loss
+            logger.debug("IMAP connection to %s closed during a command (%s)", self._server, exc)
+            session.close(polite=False)
+            self._session = None
+            self._mode = "disconnected"
+            return
         logger.warning("IMAP connection to %s lost (%s); reconnecting", self._server, exc)
         self._stats.add("reconnects")
         session.close(polite=False)
