@@ -12,6 +12,9 @@ Subcommands:
                   object per message, with its info)
 ``call``          send a request to a service and print the response
 ``hz``            print the message rate on a topic every second
+``prune``         delete old emailmw emails from the folder (the ``retention``)
+``topics``        list the topics in the folder (count, publishers, last message)
+``history``       print the last messages of a topic in the folder
 
 ``echo``, ``hz`` and ``receive`` run until stopped; SIGTERM stops them as
 Ctrl-C does (the context shuts down cleanly). ``hz`` then exits 0, the others
@@ -116,7 +119,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure between the messages' Source-Timestamp (default: when they were "
         "published) or between the times they were received (email comes in bursts)",
     )
+
+    prune = sub.add_parser("prune", help="delete old emailmw emails (email.retention)")
+    _add_config(prune)
+    prune.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    prune.add_argument(
+        "--older-than",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="delete emails older than this (default: retention.max-age)",
+    )
+    prune.add_argument("--topic", default=None, help="prune this topic only")
+
+    topics = sub.add_parser("topics", help="list the topics in the folder")
+    _add_config(topics)
+    topics.add_argument("--json", action="store_true", help="one JSON object per topic")
+
+    history = sub.add_parser("history", help="print the last messages of a topic")
+    _add_config(history)
+    history.add_argument("topic")
+    history.add_argument("-n", type=_count, default=10, help="how many messages (default 10)")
+    history.add_argument("--json", action="store_true", help="one JSON object per message")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 #: ``emailmw call --timeout`` default, in seconds.
@@ -207,4 +252,16 @@ def _run(args: argparse.Namespace) -> int:
         return commands.call(args.config, args.service, args.request, args.timeout, sys.stdout)
     if args.command == "hz":
         return commands.hz(args.config, args.topic, args.window, sys.stdout, clock=args.clock)
+    if args.command == "prune":
+        return commands.prune(
+            args.config,
+            sys.stdout,
+            older_than=args.older_than,
+            topic=args.topic,
+            dry_run=args.dry_run,
+        )
+    if args.command == "topics":
+        return commands.topics(args.config, sys.stdout, as_json=args.json)
+    if args.command == "history":
+        return commands.history(args.config, args.topic, args.n, sys.stdout, as_json=args.json)
     raise AssertionError(args.command)

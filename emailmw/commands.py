@@ -15,11 +15,12 @@ import statistics
 import sys
 import time
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, TextIO
 
 from emailmw.context import Context
 from emailmw.errors import ConfigError, ContextError, WaitTimeoutError
-from emailmw.info import MessageInfo
+from emailmw.info import MessageInfo, Timestamp
 from emailmw.options import Options
 from emailmw.pubsub import Publisher, Subscription
 from emailmw.service import ServiceClient
@@ -31,15 +32,21 @@ __all__ = [
     "call",
     "check_config",
     "echo",
+    "history",
     "hz",
     "hz_report",
     "message_json",
+    "prune",
     "publish",
     "receive_raw",
     "run_call",
     "run_echo",
+    "run_history",
     "run_hz",
+    "run_prune",
+    "run_topics",
     "send_raw",
+    "topics",
 ]
 
 #: ``emailmw hz`` reports once per this many seconds.
@@ -341,3 +348,129 @@ def hz_report(stamps: deque[int] | list[int]) -> str:
         f"\tmin: {min(intervals):.3f}s max: {max(intervals):.3f}s "
         f"std dev: {statistics.pstdev(intervals):.5f}s window: {len(values)}"
     )
+
+
+def prune(
+    config: str | None,
+    out: TextIO,
+    *,
+    older_than: float | None = None,
+    topic: str | None = None,
+    dry_run: bool = False,
+) -> int:
+    """Apply the retention to the folder (see :func:`run_prune`)."""
+    return run_prune(
+        Context(_options(config)), out, older_than=older_than, topic=topic, dry_run=dry_run
+    )
+
+
+def run_prune(
+    ctx: Context,
+    out: TextIO,
+    *,
+    older_than: float | None = None,
+    topic: str | None = None,
+    dry_run: bool = False,
+) -> int:
+    """Run :meth:`Context.prune` and print one line per topic (``TOPIC: examined N,
+    deleted N, kept N``) and a total line. Returns 0."""
+    result = ctx.prune(older_than, topic=topic, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for name in sorted(result.topics):
+        counts = result.topics[name]
+        out.write(
+            f"{name}: examined {counts.examined}, {verb} {counts.deleted}, kept {counts.kept}\n"
+        )
+    out.write(
+        f"total: examined {result.examined}, {verb} {result.deleted}, kept {result.kept}"
+        f"{' (dry run: nothing deleted)' if dry_run else ''}\n"
+    )
+    return 0
+
+
+def _iso(stamp: Timestamp | None) -> str:
+    if stamp is None:
+        return "-"
+    moment = datetime.fromtimestamp(stamp.nanoseconds / 1e9, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def topics(config: str | None, out: TextIO, *, as_json: bool = False) -> int:
+    """List the topics in the folder (see :func:`run_topics`)."""
+    return run_topics(_options(config), out, as_json=as_json)
+
+
+def run_topics(options: Options, out: TextIO, *, as_json: bool = False) -> int:
+    """Print the topics of the folder, from headers only: name, number of
+    messages, publishers (GIDs) and the newest ``Source-Timestamp``. With
+    ``as_json`` one JSON object per line (``topic``, ``count``, ``publishers``,
+    ``last_timestamp`` in ns). Returns 0."""
+    from emailmw.transport.mailbox import open_admin_session
+    from emailmw.transport.mailbox import topics as list_topics
+
+    session = open_admin_session(options.imap_settings(), writable=False)
+    try:
+        found = list_topics(session)
+    finally:
+        session.close(polite=True)
+    if not as_json:
+        out.write(f"{'TOPIC':<30} {'COUNT':>8}  {'LAST MESSAGE (UTC)':<24}  PUBLISHERS\n")
+    for entry in found:
+        publishers = sorted(gid.value for gid in entry.publishers)
+        if as_json:
+            record = {
+                "topic": entry.topic,
+                "count": entry.count,
+                "publishers": publishers,
+                "last_timestamp": entry.last.nanoseconds if entry.last else None,
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            gids = " ".join(str(gid) for gid in publishers)
+            out.write(f"{entry.topic:<30} {entry.count:>8}  {_iso(entry.last):<24}  {gids}\n")
+    return 0
+
+
+def history(
+    config: str | None, topic: str, count: int, out: TextIO, *, as_json: bool = False
+) -> int:
+    """Print the last messages of a topic (see :func:`run_history`)."""
+    return run_history(_options(config), topic, count, out, as_json=as_json)
+
+
+def run_history(
+    options: Options, topic: str, count: int, out: TextIO, *, as_json: bool = False
+) -> int:
+    """Print the last ``count`` messages of ``topic`` in the folder, oldest first,
+    one per line: ``TIME [GID] MESSAGE``; with ``as_json`` one JSON object per
+    line (``topic``, ``message``, ``source_timestamp`` in ns, ``publisher_gid``,
+    ``message_id``, ``uid``, ``size``, ``headers``). Only those ``count`` bodies
+    are fetched. Returns 0 (also when the topic has no messages)."""
+    from emailmw.info import additional_headers
+    from emailmw.transport.mailbox import history as last_messages
+    from emailmw.transport.mailbox import open_admin_session
+
+    if count < 0:
+        raise ConfigError(f"-n must be >= 0, got {count}")
+    session = open_admin_session(options.imap_settings(), writable=False)
+    try:
+        found = last_messages(session, topic, count)
+    finally:
+        session.close(polite=True)
+    for summary, email in found:
+        gid = summary.publisher_gid.value if summary.publisher_gid else None
+        if as_json:
+            record = {
+                "topic": summary.topic,
+                "message": email.content.body,
+                "source_timestamp": summary.source_timestamp.nanoseconds,
+                "publisher_gid": gid,
+                "message_id": summary.message_id,
+                "uid": summary.uid,
+                "size": summary.size,
+                "headers": dict(additional_headers(email.headers)),
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            out.write(f"{_iso(summary.source_timestamp)} [{gid}] {email.content.body}{os.linesep}")
+    return 0

@@ -14,11 +14,12 @@ import os
 import threading
 import weakref
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from emailmw.aio import AsyncContextMixin
 from emailmw.dispatch.core import DeliveryCore
 from emailmw.dispatch.polling import PollingManager
-from emailmw.errors import ContextError
+from emailmw.errors import ConfigError, ContextError
 from emailmw.options import Options
 from emailmw.security import AdmissionPolicy
 from emailmw.stats import Stats, StatsCounters
@@ -26,6 +27,9 @@ from emailmw.transport import EmailReceiver, EmailSender, IntraEmailReceiver, In
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 from emailmw.transport.signing import SigningSender
 from emailmw.waitable import Waitable, Waiter
+
+if TYPE_CHECKING:
+    from emailmw.transport.mailbox import PruneResult
 
 __all__ = ["Context", "ContextState", "get_global_context", "init", "shutdown", "stats"]
 
@@ -232,6 +236,49 @@ class Context(AsyncContextMixin):
     def stats(self) -> Stats:
         """A snapshot of the counters: sent, received, delivered, dropped by reason..."""
         return self._stats.snapshot()
+
+    def prune(
+        self,
+        older_than: float | None = None,
+        *,
+        max_count: int | None = None,
+        topic: str | None = None,
+        dry_run: bool = False,
+    ) -> PruneResult:
+        """Apply the retention to the mailbox folder: delete the emailmw emails whose
+        ``Source-Timestamp`` is older than ``older_than`` seconds (default:
+        ``retention.max-age``) and all but the newest ``max_count`` of each topic
+        (default: ``retention.max-count``); only ``topic``'s if given. ``dry_run``
+        deletes nothing. Returns what was examined, deleted and kept, per topic.
+
+        Works on an IMAP session of its own (read-write), whatever the context's
+        state; readers of the folder keep working. Foreign mail is never deleted.
+        Raises :class:`~emailmw.ConfigError` when no limit is set (neither
+        argument nor ``retention`` key), :class:`~emailmw.ImapError` when the
+        server lacks UIDPLUS. An intraprocess context stores nothing: the result
+        is empty.
+        """
+        from emailmw.transport.mailbox import PruneResult, open_admin_session
+        from emailmw.transport.mailbox import prune as prune_folder
+
+        retention = self._options.retention
+        older_than = retention.max_age if older_than is None else older_than
+        max_count = retention.max_count if max_count is None else max_count
+        if older_than is None and max_count is None:
+            raise ConfigError(
+                "nothing to prune: set email.retention.max-age or email.retention.max-count "
+                "(or give older_than / max_count)",
+                key="email.retention",
+            )
+        if self._options.intraprocess:
+            return PruneResult(dry_run=dry_run)
+        session = open_admin_session(self._options.imap_settings())
+        try:
+            return prune_folder(
+                session, older_than=older_than, max_count=max_count, topic=topic, dry_run=dry_run
+            )
+        finally:
+            session.close(polite=True)
 
     def __repr__(self) -> str:
         mode = "intraprocess" if self._options.intraprocess else "email"

@@ -56,6 +56,7 @@ __all__ = [
     "SIGNING_KEY_ENV",
     "Options",
     "RecipientsOptions",
+    "RetentionOptions",
     "ServerAddress",
     "TlsOptions",
     "UserOptions",
@@ -77,6 +78,8 @@ _MAX_REORDER_WINDOW = 3600.0  # one hour
 _MAX_QUEUE_DEPTH = 10_000_000
 _MAX_MESSAGE_SIZE_LIMIT = 1 << 30  # 1 GiB
 _MAX_MAX_AGE = 365 * 24 * 3600.0  # one year
+_MAX_RETENTION_AGE = 100 * 365 * 24 * 3600.0  # retention.max-age: a hundred years
+_MAX_RETENTION_COUNT = 1_000_000_000  # retention.max-count
 #: The shortest signing key accepted, in bytes (an empty HMAC key lets anyone sign).
 MIN_SIGNING_KEY_BYTES = 16
 #: Secret files larger than this are refused (a key or password is a few bytes).
@@ -175,6 +178,19 @@ class TlsOptions(_Model):
     allow_insecure: bool = Field(default=False, alias="allow-insecure")
 
 
+class RetentionOptions(_Model):
+    """How long emailmw emails stay in the folder (``email.retention``), applied by
+    ``emailmw prune`` and :meth:`~emailmw.Context.prune`: ``max-age`` in seconds
+    (by ``Source-Timestamp``) and/or ``max-count`` (the newest N per topic)."""
+
+    max_age: float | None = Field(
+        default=None, alias="max-age", gt=0, le=_MAX_RETENTION_AGE, allow_inf_nan=False
+    )
+    max_count: int | None = Field(
+        default=None, alias="max-count", ge=1, le=_MAX_RETENTION_COUNT, strict=True
+    )
+
+
 class Options(_Model):
     """emailmw configuration: the ``email:`` section of ``email.yml``.
 
@@ -218,6 +234,7 @@ class Options(_Model):
         default=24 * 3600.0, alias="max-age", gt=0, le=_MAX_MAX_AGE, allow_inf_nan=False
     )
     allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
+    retention: RetentionOptions = Field(default_factory=RetentionOptions)
 
     def __init__(self, /, **data: Any) -> None:
         """Validate the keyword arguments; a bad value raises :class:`ConfigError`

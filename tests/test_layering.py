@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "emailmw.transport.settings": 1,  # what each transport is given (not the Options)
     "emailmw.transport.signing": 1,  # SigningSender wraps any sender
     "emailmw.transport.imap_session": 1,
+    "emailmw.transport.mailbox": 1,
     "emailmw.transport.imap_cadence": 1,
     "emailmw.transport.imap_resync": 1,
     # 2 dispatch
