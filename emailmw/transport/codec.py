@@ -86,11 +86,13 @@ __all__ = [
     "TRANSPORT_HEADERS",
     "MalformedEmailError",
     "decode_email",
+    "decode_value",
     "encode_email",
     "is_emailmw",
     "is_transport_header",
     "new_message_id",
     "parse_address",
+    "parse_fields",
 ]
 
 
@@ -358,7 +360,7 @@ def _split_message(raw: bytes) -> tuple[bytes, bytes]:
     return raw[: match.start()], raw[match.end() :]
 
 
-def _parse_fields(block: bytes) -> list[tuple[str, bytes]]:
+def parse_fields(block: bytes) -> list[tuple[str, bytes]]:
     """Header fields as ``(name, unfolded raw value)``, in order; junk lines are skipped."""
     fields: list[tuple[str, list[bytes]]] = []
     for raw_line in block.split(b"\n"):
@@ -413,7 +415,7 @@ def _decode_words(raw: str) -> str:
     )
 
 
-def _decode_value(raw: bytes, *, strict: bool, words: bool = True) -> str:
+def decode_value(raw: bytes, *, strict: bool, words: bool = True) -> str:
     """A header value as text: UTF-8 (RFC 6532) and, with ``words``, RFC 2047 encoded words.
 
     With ``strict``, anything undecodable raises; otherwise it is replaced or kept raw.
@@ -634,7 +636,7 @@ def decode_email(raw: bytes) -> EmailData | None:
     """
     try:
         header_block, body = _split_message(bytes(raw))
-        fields = _parse_fields(header_block)
+        fields = parse_fields(header_block)
         if not is_emailmw(name for name, _ in fields):
             return None
     except Exception:  # not ours, whatever went wrong
@@ -656,7 +658,7 @@ def _decode_emailmw(raw: bytes, body: bytes, fields: list[tuple[str, bytes]]) ->
         if lower in METADATA_HEADERS:
             if name in headers:
                 raise MalformedEmailError(f"metadata header {name} appears more than once")
-            text = _decode_value(value, strict=True)
+            text = decode_value(value, strict=True)
             if _METADATA_VALIDATORS[lower](text) is None:
                 raise MalformedEmailError(f"invalid {name} value {text[:40]!r}")
             headers[name] = text
@@ -664,16 +666,16 @@ def _decode_emailmw(raw: bytes, body: bytes, fields: list[tuple[str, bytes]]) ->
             if lower in standard:
                 raise MalformedEmailError(f"header {name} appears more than once")
             try:
-                standard[lower] = _decode_value(value, strict=True, words=lower == "subject")
+                standard[lower] = decode_value(value, strict=True, words=lower == "subject")
             except (ValueError, LookupError) as exc:
                 raise MalformedEmailError(f"cannot decode the {name} header: {exc}") from None
         elif lower in address_fields:  # every To and Cc field counts, parsed once at the end
-            address_fields[lower].append(_decode_value(value, strict=False, words=False))
+            address_fields[lower].append(decode_value(value, strict=False, words=False))
         elif is_transport_header(name):
             if lower in _KEPT_HEADERS and lower not in standard:
-                standard[lower] = _decode_value(value, strict=False, words=False)
+                standard[lower] = decode_value(value, strict=False, words=False)
         elif name not in headers:
-            headers[name] = _decode_value(value, strict=False)
+            headers[name] = decode_value(value, strict=False)
     if "subject" not in standard:
         raise MalformedEmailError("emailmw email without a Subject header")
     try:

@@ -28,7 +28,7 @@ from typing import Any
 
 from emailmw.errors import ImapError, TlsError
 from emailmw.info import Gid, Timestamp
-from emailmw.transport.codec import MalformedEmailError, _decode_value, _parse_fields, decode_email
+from emailmw.transport.codec import MalformedEmailError, decode_email, decode_value, parse_fields
 from emailmw.transport.data import EmailData
 from emailmw.transport.imap_session import ConnectionLostError, Session, open_session
 from emailmw.transport.settings import ImapSettings
@@ -205,16 +205,16 @@ def _summary(uid: int, item: dict[bytes, Any]) -> EmailSummary | None:
     if not isinstance(block, bytes):
         return None
     try:
-        fields = {name.lower(): value for name, value in _parse_fields(block)}
-        stamp = Timestamp.from_string(_decode_value(fields["source-timestamp"], strict=True))
+        fields = {name.lower(): value for name, value in parse_fields(block)}
+        stamp = Timestamp.from_string(decode_value(fields["source-timestamp"], strict=True))
         subject = fields.get("subject")
         if stamp is None or subject is None:
             return None
-        topic = _decode_value(subject, strict=True, words=True)
+        topic = decode_value(subject, strict=True, words=True)
 
         def gid(name: str) -> Gid | None:
             value = fields.get(name)
-            return None if value is None else Gid.from_string(_decode_value(value, strict=True))
+            return None if value is None else Gid.from_string(decode_value(value, strict=True))
 
         message_id = fields.get("message-id")
         return EmailSummary(
@@ -224,7 +224,7 @@ def _summary(uid: int, item: dict[bytes, Any]) -> EmailSummary | None:
             source_timestamp=stamp,
             publisher_gid=gid("publisher-gid"),
             client_gid=gid("client-gid"),
-            message_id=_decode_value(message_id, strict=False, words=False).strip()
+            message_id=decode_value(message_id, strict=False, words=False).strip()
             if message_id is not None
             else "",
         )
