@@ -158,11 +158,9 @@ def _resolver_for(context: Context) -> _FutureResolver:
 
 
 def _load(
-    serializer: Serializer[Any], plain: bool, body: str, message_type: str | None, what: str
+    serializer: Serializer[Any], body: str, message_type: str | None, what: str
 ) -> tuple[bool, Any]:
     """``(True, value)``, or ``(False, None)`` after logging why ``body`` is invalid."""
-    if plain:
-        return True, body
     try:
         return True, serializer.load(body, message_type)
     except InvalidMessageError as exc:
@@ -436,10 +434,10 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
         not a valid response)."""
         counters = self._context._counters
         sequence_number = info.sequence_number
-        if sequence_number in self._pending:
+        message: Any = body  # as it is for str responses, and for one dropped below
+        if not self._plain_responses and sequence_number in self._pending:
             valid, message = _load(
                 self._response_serializer,
-                self._plain_responses,
                 body,
                 message_type,
                 f"response {info.sequence_number} on {self._name[:80]!r}",
@@ -447,8 +445,6 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
             if not valid:
                 counters.drop(DropReason.INVALID_MESSAGE)
                 return False
-        else:
-            message = body  # dropped below, whatever it holds
         with self._lock:
             if sequence_number not in self._pending:
                 # A request given up (a call() that timed out, a cancelled future)
@@ -683,17 +679,18 @@ class ServiceServer(Entity, Waitable, AsyncServerMixin, Generic[Req, Resp]):
 
     def _push_request(self, email: EmailData, info: ServiceInfo) -> bool:
         request_id = ServiceRequestId(info.sequence_number, info.client_gid)
-        valid, content = _load(
-            self._request_serializer,
-            self._plain_requests,
-            email.content.body,
-            email.headers.get(HEADER_MESSAGE_TYPE),
-            f"request {info.sequence_number} of client {info.client_gid.value} "
-            f"on {self._name[:80]!r}",
-        )
-        if not valid:
-            self._context._counters.drop(DropReason.INVALID_MESSAGE)
-            return False
+        content: Any = email.content.body  # as it is for str requests
+        if not self._plain_requests:
+            valid, content = _load(
+                self._request_serializer,
+                email.content.body,
+                email.headers.get(HEADER_MESSAGE_TYPE),
+                f"request {info.sequence_number} of client {info.client_gid.value} "
+                f"on {self._name[:80]!r}",
+            )
+            if not valid:
+                self._context._counters.drop(DropReason.INVALID_MESSAGE)
+                return False
         request: ServiceRequest[Req] = ServiceRequest(request_id, content)
         with self._lock:
             if request_id in self._originals:
