@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from fakeclock import FakeClock
 
 import emailmw
 from emailmw.dispatch import ordering
@@ -38,19 +39,6 @@ MS = 1_000_000
 def published(number: int) -> int:
     """When publication ``number`` was published: 1 ms apart, after the horizon."""
     return HORIZON + number * MS
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # -- fakes: receiver and entities ---------------------------------------------------------
