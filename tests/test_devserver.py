@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from emailmw.devserver import (
     processes,
 )
 from emailmw.devserver import server as server_module
+from emailmw.devserver.processes import wait_until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.mailstack]
 
@@ -326,6 +328,45 @@ def test_kick_drops_the_accounts_connections(server: DevServer) -> None:
             kicked.noop()
         other.noop()  # only alice was kicked
     server.kick("alice")  # nobody connected: fine
+
+
+def test_kick_returns_when_the_client_reconnects_at_once(server: DevServer) -> None:
+    # emailmw's receiver logs in again the moment it is kicked; kick() waits for
+    # the connections it dropped, not for the account to have none at all
+    alice = server.account("alice")
+    reconnected = threading.Event()
+    release = threading.Event()
+
+    def reconnecting_client() -> None:
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(imap(server, alice))
+            client.select_folder("INBOX")
+            client.idle()
+            deadline = time.monotonic() + 30
+            with contextlib.suppress(IMAPClientError, OSError):
+                while time.monotonic() < deadline:  # until the kick ends this connection
+                    responses = client.idle_check(timeout=0.2)
+                    if any(b"BYE" in response for response in responses):
+                        break
+            stack.enter_context(imap(server, alice))  # straight back in
+            reconnected.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=reconnecting_client, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server_has_connection(server, alice), 10)
+        server.kick(alice)  # returns although alice is connected again
+        assert reconnected.wait(10)
+        assert server_has_connection(server, alice)
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def server_has_connection(server: DevServer, account: DevAccount) -> bool:
+    who = server._doveadm("who", "-1").splitlines()[1:]
+    return any(line.split()[:1] == [account.address] for line in who)
 
 
 def test_restart_dovecot_keeps_ports_and_mail(server: DevServer) -> None:
