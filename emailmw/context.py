@@ -25,6 +25,7 @@ from emailmw.security import AdmissionPolicy
 from emailmw.stats import Stats, StatsCounters
 from emailmw.transport import EmailReceiver, EmailSender, IntraEmailReceiver, IntraEmailSender
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
+from emailmw.transport.receiver import History
 from emailmw.transport.signing import SigningSender
 from emailmw.waitable import Waitable, Waiter
 
@@ -51,7 +52,7 @@ class ContextState(enum.Enum):
 def _create_transport(options: Options, stats: StatsCounters) -> tuple[EmailSender, EmailReceiver]:
     """The sender and receiver that ``options`` asks for (not yet connected)."""
     if options.intraprocess:
-        receiver = IntraEmailReceiver()
+        receiver = IntraEmailReceiver(options.history_depth)
         return IntraEmailSender(receiver, stats=stats), receiver
     from emailmw.transport.imap import ImapEmailReceiver
     from emailmw.transport.smtp import SmtpEmailSender
@@ -299,6 +300,15 @@ class Context(AsyncContextMixin):
             self._check()
             raise ContextError("context is shut down")
         return core
+
+    def _history(self, topic_name: str, count: int) -> History:
+        """The last ``count`` messages on ``topic_name`` the receiver already read
+        (see :meth:`EmailReceiver.history`)."""
+        receiver = self._receiver
+        if receiver is None or self._state is not ContextState.RUNNING:
+            self._check()
+        assert receiver is not None
+        return receiver.history(topic_name, count)
 
     def _send(self, content: EmailContent, headers: EmailHeaders) -> str:
         """Send a new email through the context's sender; return its Message-ID."""

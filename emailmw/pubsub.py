@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from emailmw.aio import AsyncPublisherMixin, AsyncSubscriptionMixin
 from emailmw.context import Context
+from emailmw.dispatch.handlers import Message
 from emailmw.entity import Entity, callback_arity, check_depth
 from emailmw.errors import ContextError, InvalidMessageError
 from emailmw.info import (
@@ -153,6 +154,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         *,
         callback: Callable[[str], object] | Callable[[str, MessageInfo], object] | None = None,
         depth: int | None = None,
+        history: int = 0,
         context: Context | None = None,
     ) -> None: ...
     @overload
@@ -163,6 +165,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         *,
         callback: Callable[[T], object] | Callable[[T, MessageInfo], object] | None = None,
         depth: int | None = None,
+        history: int = 0,
         context: Context | None = None,
     ) -> None: ...
     @overload
@@ -173,6 +176,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         *,
         callback: Callable[[Any], object] | Callable[[Any, MessageInfo], object] | None = None,
         depth: int | None = None,
+        history: int = 0,
         context: Context | None = None,
     ) -> None: ...
     def __init__(
@@ -182,8 +186,11 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         *,
         callback: Callable[..., object] | None = None,
         depth: int | None = None,
+        history: int = 0,
         context: Context | None = None,
     ) -> None:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ValueError(f"history must be an int, 0 or more, got {history!r}")
         Waitable.__init__(self)
         self._serializer: Serializer[T] = serializer_for(message_type)
         self._plain = message_type is str
@@ -193,8 +200,17 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         self._setup(topic_name, context)
         self._depth = check_depth(depth, self._context)
         self._queue: deque[tuple[T, MessageInfo]] = deque()
+        # history given, that may come live too (received, not yet dispatched)
+        self._history_keys: set[_Key] = set()
         self._context._register_waitable(self)
-        self._context._delivery.register_subscription(self._name, self)
+        core = self._context._delivery
+        core.register_subscription(self._name, self)
+        if history:
+            try:  # registered first: what is not in the history comes live
+                core.deliver_history(self._name, self, self._context._history(self._name, history))
+            except BaseException:
+                self.close()
+                raise
         if callback is not None:
             self._context._set_callback_entity(self, True)
 
@@ -287,22 +303,64 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
     def _is_ready(self) -> bool:
         return self.has_message()
 
-    def _push_message(self, body: str, message_type: str | None, info: MessageInfo) -> bool:
-        """Queue a received message; False if it does not validate (dropped, counted)."""
+    def _push_history(self, messages: list[Message]) -> int:
+        """Queue ``messages`` (the history, oldest first) before what came live since
+        the subscription was registered, leaving out those that came live; the others
+        are left out when they come live later. Returns how many were queued."""
+        with self._lock:
+            live = {_key(info) for _, info in self._queue}
+        items: list[tuple[T, MessageInfo]] = []
+        keys: set[_Key] = set()
+        for body, message_type, info in messages:
+            key = _key(info)
+            if key in live or key in keys:
+                continue
+            value = self._load(body, message_type, info)
+            if value is _INVALID:
+                continue
+            items.append((value, info))
+            keys.add(key)
+        with self._lock:
+            self._history_keys = keys
+            queue = self._queue
+            queue.extendleft(reversed(items))
+            while len(queue) > self._depth:
+                queue.popleft()
+                self._context._counters.drop(DropReason.QUEUE_FULL)
+            if queue:
+                for waiter in self._waiters:
+                    waiter.set()
+        return len(items)
+
+    def _load(self, body: str, message_type: str | None, info: MessageInfo) -> Any:
+        """The message's value, or ``_INVALID`` if it does not validate (counted)."""
         if self._plain:
-            value: Any = body
-        else:
-            try:
-                value = self._serializer.load(body, message_type)
-            except InvalidMessageError as exc:
-                logger.warning(
-                    "dropping a message on %r from publisher %d: %s",
-                    self._name[:80],
-                    info.publisher_gid.value,
-                    exc,
-                )
-                self._context._counters.drop(DropReason.INVALID_MESSAGE)
-                return False
+            return body
+        try:
+            return self._serializer.load(body, message_type)
+        except InvalidMessageError as exc:
+            logger.warning(
+                "dropping a message on %r from publisher %d: %s",
+                self._name[:80],
+                info.publisher_gid.value,
+                exc,
+            )
+            self._context._counters.drop(DropReason.INVALID_MESSAGE)
+            return _INVALID
+
+    def _push_message(self, body: str, message_type: str | None, info: MessageInfo) -> bool:
+        """Queue a received message; False if it does not validate (dropped, counted)
+        or if it came already in the history."""
+        if self._history_keys:
+            key = _key(info)
+            with self._lock:
+                if key in self._history_keys:
+                    self._history_keys.discard(key)
+                    logger.debug("%r: a message of the history came live too", self._name[:80])
+                    return False
+        value: Any = body if self._plain else self._load(body, message_type, info)
+        if value is _INVALID:
+            return False
         with self._lock:
             queue = self._queue
             if len(queue) >= self._depth:
@@ -312,3 +370,13 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
             for waiter in self._waiters:
                 waiter.set()
         return True
+
+
+#: What identifies a message among a topic's: its publisher and its Source-Timestamp
+#: (a publisher stamps its messages one at a time, in nanoseconds).
+_Key = tuple[int, int]
+_INVALID = object()
+
+
+def _key(info: MessageInfo) -> _Key:
+    return (info.publisher_gid.value, info.source_timestamp.nanoseconds)

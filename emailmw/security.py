@@ -198,8 +198,13 @@ class AdmissionPolicy:
         """The most Message-IDs the replay memory holds."""
         return self._capacity
 
-    def check(self, email: EmailData) -> DropReason | None:
-        """Admit ``email`` (``None``) or say why it must be dropped."""
+    def check(self, email: EmailData, *, replay: bool = True) -> DropReason | None:
+        """Admit ``email`` (``None``) or say why it must be dropped.
+
+        ``replay=False`` (a message read again from the mailbox for a subscription's
+        history, which may have been accepted before): the sender, the signature and
+        the age are checked, but the Message-ID is neither looked up nor remembered.
+        """
         if (self._addresses or self._domains) and not self._sender_allowed(email.from_):
             return DropReason.SENDER_NOT_ALLOWED
         if self._key is None:
@@ -209,7 +214,19 @@ class AdmissionPolicy:
             return DropReason.UNSIGNED
         if not valid:
             return DropReason.BAD_SIGNATURE
+        if not replay:
+            return self._check_age(email)
         return self._check_replay(email)
+
+    def _check_age(self, email: EmailData) -> DropReason | None:
+        text = email.headers.get(HEADER_SOURCE_TIMESTAMP)
+        stamp = Timestamp.from_string(text) if text is not None else None
+        if stamp is None:
+            return DropReason.REPLAY  # freshness cannot be shown
+        age = self._clock() - stamp.nanoseconds / 1e9
+        if age > self._max_age or age < -MAX_CLOCK_SKEW:
+            return DropReason.REPLAY
+        return None
 
     def _sender_allowed(self, sender: str) -> bool:
         address = _normalize_sender(sender)

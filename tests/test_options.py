@@ -566,6 +566,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "send-timeout": (86_400, 86_400.001, True),
     "reorder-window": (3_600, 3_600.001, True),
     "queue-depth": (10_000_000, 10_000_001, False),
+    "history-depth": (10_000_000, 10_000_001, False),
     "max-message-size": (1 << 30, (1 << 30) + 1, False),
     "max-age": (31_536_000, 31_536_000.001, True),
 }

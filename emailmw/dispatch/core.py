@@ -16,6 +16,18 @@ overtake each other. Whenever a dispatch makes the earliest deadline earlier
 than the one the polling thread sleeps on, the core wakes it (the receiver's
 ``interrupt``), so no expiry is late.
 
+History (``Subscription(..., history=N)``): the subscription is registered
+first, so it gets every message dispatched from then on; then the receiver
+reads the topic's last ``N`` messages up to its position (every message it
+returns reached the receiver, every one after it is dispatched later), and
+:meth:`DeliveryCore.deliver_history` hands them to that subscription alone,
+before what it got live meanwhile. A message in both (received, not yet
+dispatched, when the history was read) is left out of one of them by the
+subscription, by its publisher and timestamp: not by the Message-ID
+memory, which would take it from the other subscriptions too. The order needs
+no teaching: it learns every numbered message from the live path, wanted or
+not, and never waits for one published before the receiver's start.
+
 Lock order: the intraprocess receiver's dispatch lock, then this core's lock,
 then an entity's lock. Entities never call the core while holding their own
 lock, and no user code runs under any of them.
@@ -30,8 +42,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from emailmw.dispatch.handlers import (
-    Message,
+    HistorySink,
     MessageSink,
+    Release,
     RequestSink,
     ResponseSink,
     ServiceHandler,
@@ -42,6 +55,7 @@ from emailmw.info import Gid
 from emailmw.security import AdmissionPolicy
 from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.data import EmailData
+from emailmw.transport.receiver import History
 
 __all__ = ["DEDUP_WINDOW", "DeliveryCore"]
 
@@ -71,7 +85,7 @@ class DeliveryCore:
         self._lock = threading.Lock()
         self._stats = stats
         self._admission = admission if admission is not None and admission.active else None
-        self._order: PublicationOrder[Message] = PublicationOrder(
+        self._order: PublicationOrder[Release] = PublicationOrder(
             reorder_window, horizon_ns=horizon_ns, clock=clock
         )
         self._subscriptions = SubscriptionHandler(stats, self._order, reorder_window)
@@ -122,6 +136,39 @@ class DeliveryCore:
             self._stats.add("received", len(emails))
             for email in emails:
                 self._dispatch(email)
+            wake = self._deadline_moved()
+        if wake is not None:
+            wake()
+
+    def deliver_history(self, topic_name: str, subscription: HistorySink, history: History) -> None:
+        """Hand ``emails``, the history read for a subscription registered before it
+        was read, to that subscription only (see "History" in the module docstring).
+
+        Admission applies (senders, signature, age) but not the Message-ID memories:
+        these emails may have been dispatched before, or be about to be.
+        """
+        with self._lock:
+            admitted: list[EmailData] = []
+            for email in history.emails:
+                if email.message_id in history.in_flight and email.message_id not in self._seen:
+                    continue  # received but not dispatched yet: it comes live
+                if self._admission is not None:
+                    reason = self._admission.check(email, replay=False)
+                    if reason is not None:
+                        self._stats.drop(reason)
+                        logger.warning(
+                            "history: dropping email %s from %r: %s",
+                            email.message_id[:100],
+                            email.from_[:100],
+                            reason.value,
+                        )
+                        continue
+                admitted.append(email)
+            messages = self._subscriptions.history(topic_name, subscription, admitted)
+            try:
+                self._stats.add("delivered", subscription._push_history(messages))
+            except Exception:
+                logger.exception("subscription %r failed to take its history", subscription)
             wake = self._deadline_moved()
         if wake is not None:
             wake()

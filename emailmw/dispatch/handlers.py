@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from emailmw.dispatch.ordering import PublicationOrder
@@ -46,7 +47,9 @@ from emailmw.transport.data import EmailData
 
 __all__ = [
     "EmailHandler",
+    "HistorySink",
     "MessageSink",
+    "Release",
     "RequestSink",
     "ResponseSink",
     "ServiceHandler",
@@ -66,11 +69,42 @@ Message = tuple[str, "str | None", MessageInfo]
 S = TypeVar("S")
 
 
+@dataclass(frozen=True, slots=True)
+class _ForOne:
+    """A history message held in the order for one subscription only."""
+
+    message: Message
+    subscription: weakref.ref[MessageSink]
+
+
+#: What the order holds: a message for every subscription of its topic, or for one.
+Release = Message | _ForOne
+
+
+@dataclass(frozen=True, slots=True)
+class _HistoryEntry:
+    gid: int
+    number: int  # 0: not numbered
+    source_ns: int
+    previous_number: int
+    previous_ns: int | None
+    message: Message
+
+
 class MessageSink(Protocol):
     """What a subscription offers the subscription handler."""
 
     def _push_message(self, body: str, message_type: str | None, info: MessageInfo) -> bool:
         """Queue a message; False if the subscription refused it (already counted)."""
+        ...
+
+
+class HistorySink(MessageSink, Protocol):
+    """What a subscription made with ``history=N`` offers the delivery core."""
+
+    def _push_history(self, messages: list[Message]) -> int:
+        """Queue the history before what came live meanwhile, leaving out what did;
+        return how many were queued."""
         ...
 
 
@@ -151,7 +185,7 @@ class SubscriptionHandler(EmailHandler):
     def __init__(
         self,
         stats: StatsCounters,
-        order: PublicationOrder[Message],
+        order: PublicationOrder[Release],
         reorder_window: float = REORDER_WINDOW,
     ) -> None:
         super().__init__(stats)
@@ -241,6 +275,101 @@ class SubscriptionHandler(EmailHandler):
             self._deliver(topic, ready)
         return wanted
 
+    def history(
+        self, topic: str, subscription: MessageSink, emails: list[EmailData]
+    ) -> list[Message]:
+        """Sort ``emails``, a topic's history read again from the mailbox for the
+        newly registered ``subscription``, and return what it gets now, oldest first:
+        by ``Source-Timestamp``, each publisher's own in ``Publication-Number`` order.
+
+        Left out: a message the order holds (it is released to the subscription with
+        the live ones), and one whose predecessor the order has not released yet (it
+        is still on its way: the message is held for this subscription alone and
+        released after it, or when the window passes). Malformed ones are counted.
+        """
+        entries: list[_HistoryEntry] = []
+        for email in emails:
+            entry = self._history_entry(email)
+            if entry is not None:
+                entries.append(entry)
+        entries.sort(key=lambda e: (e.source_ns, e.gid, e.number))
+        # each publisher's messages in number order, in the places its messages take
+        by_publisher: dict[int, list[_HistoryEntry]] = {}
+        for entry in entries:
+            by_publisher.setdefault(entry.gid, []).append(entry)
+        for mine in by_publisher.values():
+            mine.sort(key=lambda e: (e.number, e.source_ns), reverse=True)
+        ordered = [by_publisher[entry.gid].pop() for entry in entries]
+        order = self._order
+        now: list[Message] = []
+        later: set[tuple[int, int, int]] = set()  # (gid, number, stamp) held for it
+        target = weakref.ref(subscription)
+        for entry in ordered:
+            if entry.number == 0:  # not numbered (another implementation): as it comes
+                now.append(entry.message)
+                continue
+            if order.is_held(topic, entry.gid, entry.number, entry.source_ns):
+                continue  # released with the live ones, to every subscription
+            previous = (entry.gid, entry.previous_number, entry.previous_ns or 0)
+            if (entry.previous_ns is not None and previous in later) or order.waits(
+                topic,
+                entry.gid,
+                previous_number=entry.previous_number,
+                previous_ns=entry.previous_ns,
+            ):
+                later.add((entry.gid, entry.number, entry.source_ns))
+                order.hold(
+                    topic,
+                    entry.gid,
+                    entry.number,
+                    previous_number=entry.previous_number,
+                    previous_ns=entry.previous_ns,
+                    source_ns=entry.source_ns,
+                    item=_ForOne(entry.message, target),
+                )
+                continue
+            now.append(entry.message)
+        return now
+
+    def _history_entry(self, email: EmailData) -> _HistoryEntry | None:
+        headers = email.headers
+        gid_text = headers.get(HEADER_PUBLISHER_GID)
+        if gid_text is None or email.in_reply_to:
+            return None
+        gid = Gid.from_string(gid_text)
+        stamp = _source_timestamp(email)
+        number_text = headers.get(HEADER_PUBLICATION_NUMBER)
+        number = 0 if number_text is None else parse_sequence_number(number_text)
+        previous_text = headers.get(HEADER_PREVIOUS_TIMESTAMP)
+        previous = None if previous_text is None else Timestamp.from_string(previous_text)
+        previous_number_text = headers.get(HEADER_PREVIOUS_NUMBER)
+        previous_number = (
+            (None if number is None else number - 1)
+            if previous_number_text is None
+            else parse_sequence_number(previous_number_text)
+        )
+        if (
+            gid is None
+            or stamp is None
+            or number is None
+            or number < 0
+            or previous_number is None
+            or (previous_text is not None and previous is None)
+        ):
+            self._malformed(email, "bad metadata headers (history)")
+            return None
+        own = 2 + sum(
+            text is not None for text in (number_text, previous_text, previous_number_text)
+        )
+        return _HistoryEntry(
+            gid.value,
+            number,
+            stamp.nanoseconds,
+            max(previous_number, 0),
+            None if previous is None else previous.nanoseconds,
+            self._message(email, stamp, gid, own),
+        )
+
     def expire(self) -> None:
         """Deliver what was held back longer than the window, giving up the gaps."""
         for topic, ready in self._order.expire():
@@ -268,11 +397,18 @@ class SubscriptionHandler(EmailHandler):
         info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, extra)
         return (email.content.body, message_type, info)
 
-    def _deliver(self, topic: str, ready: list[Message]) -> None:
+    def _deliver(self, topic: str, ready: list[Release]) -> None:
         routes = self._subscriptions.get(topic, ())
-        for body, message_type, info in ready:
+        for entry in ready:
+            if isinstance(entry, _ForOne):  # history held for one subscription
+                one = entry.subscription()
+                targets = tuple(r for r in routes if one is not None and r() is one)
+                body, message_type, info = entry.message
+            else:
+                targets = routes
+                body, message_type, info = entry
             delivered = 0
-            for route in routes:
+            for route in targets:
                 subscription = route()
                 if subscription is None:
                     continue  # collected: pruned at the next use

@@ -197,6 +197,56 @@ class PublicationOrder(Generic[T]):
         self._progress(key, stream)
         return ready
 
+    def is_held(self, topic: str, publisher: int, number: int, source_ns: int) -> bool:
+        """Whether the message (``number`` published at ``source_ns``) is held now."""
+        stream = self._streams.get((topic, publisher))
+        return stream is not None and (number, source_ns) in stream.held
+
+    def waits(
+        self, topic: str, publisher: int, *, previous_number: int, previous_ns: int | None
+    ) -> bool:
+        """Whether a message naming this predecessor would wait for it now (as
+        :meth:`add` decides for a wanted message)."""
+        if previous_number == 0:
+            return False
+        stream = self._streams.get((topic, publisher))
+        horizon = self._horizon_ns if stream is None else stream.horizon_ns
+        if previous_ns is None:
+            if stream is None or stream.last[0] < 0:
+                return False
+        elif previous_ns < horizon:
+            return False
+        if stream is None:
+            return True
+        previous = (previous_number, previous_ns)
+        return (
+            previous != stream.last
+            and not stream.released(previous)
+            and not stream.forgotten(previous_number)
+        )
+
+    def hold(
+        self,
+        topic: str,
+        publisher: int,
+        number: int,
+        *,
+        previous_number: int,
+        previous_ns: int | None,
+        source_ns: int,
+        item: T,
+    ) -> None:
+        """Hold ``item`` until its predecessor is released (or the stream's window
+        passes), even if its own link was released already: a message read again
+        from the mailbox for a subscription's history, that came before a message it
+        follows (see :meth:`emailmw.dispatch.core.DeliveryCore.deliver_history`)."""
+        key = (topic, publisher)
+        stream = self._streams.get(key)
+        if stream is None:
+            self._make_room()
+            stream = self._streams[key] = _Stream(topic, self._horizon_ns)
+        self._hold(key, stream, _Held((number, source_ns), (previous_number, previous_ns), item))
+
     def next_deadline(self) -> float | None:
         """When :meth:`expire` has something to release (the clock's seconds), or None."""
         if not self._holding:  # the usual case, asked after every dispatch

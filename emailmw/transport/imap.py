@@ -144,7 +144,7 @@ from emailmw.transport.imap_resync import (
     summarize,
 )
 from emailmw.transport.imap_session import ConnectionLostError, Listed, Session, open_session
-from emailmw.transport.receiver import EmailReceiver
+from emailmw.transport.receiver import EmailReceiver, History
 from emailmw.transport.settings import ImapSettings
 from emailmw.transport.tls import client_context
 
@@ -173,6 +173,9 @@ _RESYNC_LIST_MAX = 1024  # emails listed at once, headers only, by a re-read
 _FETCH_LIST = b"(UID RFC822.SIZE INTERNALDATE)"
 _FETCH_LIST_HEAD = b"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.%d>)"
 _FETCH_BODY = b"(UID BODY.PEEK[])"
+_HISTORY_FIELDS = b"SUBJECT PUBLISHER-GID SOURCE-TIMESTAMP IN-REPLY-TO"
+_FETCH_HISTORY_HEAD = b"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (%s)])" % _HISTORY_FIELDS
+_HISTORY_CHUNK = 64  # candidates checked on their headers at once (at least)
 
 
 class _WakePipe:
@@ -246,6 +249,7 @@ class ImapEmailReceiver(EmailReceiver):
         self._raw = False  # receive_raw(): every email is wanted, not only emailmw's
         self._seen: OrderedDict[bytes, None] = OrderedDict()  # digests of emails received
         self._bytes_received = 0
+        self._in_flight: frozenset[str] = frozenset()  # what receive() returned last
         self._cadence = Cadence()
         # reconnecting
         self._failures = 0  # recent failures: the backoff grows with them
@@ -296,7 +300,9 @@ class ImapEmailReceiver(EmailReceiver):
             if self._closed:
                 return []
             self._raw = False
-            return self._receive(deadline, self._decode_all)
+            emails = self._receive(deadline, self._decode_all)
+            self._in_flight = frozenset(email.message_id for email in emails)
+            return emails
 
     def receive_raw(self, timeout: float | None) -> list[tuple[int, bytes]]:
         """Like :meth:`receive`, but every new email (emailmw's or not) as ``(UID, bytes)``,
@@ -361,6 +367,30 @@ class ImapEmailReceiver(EmailReceiver):
                 "receive_mode": self._settings.receive_mode,
                 "mode": self._mode,
             }
+
+    def history(self, topic: str, count: int) -> History:
+        """Up to the last ``count`` messages on ``topic`` below the receiver's position
+        (the UIDs it already read), oldest first (see "History" in the module docstring).
+
+        Runs on the receiver's connection, cutting in like :meth:`probe`. Raises
+        :class:`ImapError` if the server cannot answer.
+        """
+        if count <= 0:
+            return History([])
+        with self._using(cut_in=True):
+            if self._closed:
+                raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
+            if self._session is None:
+                self._session = self._open()
+            session = self._session
+            try:
+                return History(self._history(session, topic, count), self._in_flight)
+            except ConnectionLostError as exc:
+                self._lose(session, exc)
+                raise ImapError(
+                    f"{self._server}: reading the history of {topic[:80]!r} failed: {exc}",
+                    server=self._server,
+                ) from exc
 
     @contextlib.contextmanager
     def _using(self, cut_in: bool = False) -> Iterator[None]:
@@ -819,6 +849,57 @@ class ImapEmailReceiver(EmailReceiver):
         self._remember(raw)
         return email
 
+    # -- history --------------------------------------------------------------------------
+
+    def _history(self, session: Session, topic: str, count: int) -> list[EmailData]:
+        session.idle_done()
+        below = self._next_uid
+        if below <= 1:
+            return []
+        # A case-insensitive substring match: each candidate is checked on its headers.
+        ok, uids = session.search(
+            ["UID", f"1:{below - 1}", "HEADER", "Subject", topic, "HEADER", "Publisher-GID", ""]
+        )
+        if not ok:
+            raise ConnectionLostError(f"UID SEARCH for the history of {topic[:80]!r} refused")
+        candidates = [uid for uid in reversed(uids) if uid < below]  # newest first
+        limit = self._settings.max_message_size
+        chosen: list[int] = []
+        step = max(2 * count, _HISTORY_CHUNK)
+        for start in range(0, len(candidates), step):
+            chunk = candidates[start : start + step]
+            _, found = session.fetch(b",".join(b"%d" % uid for uid in chunk), _FETCH_HISTORY_HEAD)
+            for uid in chunk:  # newest first
+                item = found.get(uid)
+                if item is not None and _is_message_on(topic, item, limit):
+                    chosen.append(uid)
+                    if len(chosen) >= count:
+                        break
+            if len(chosen) >= count:
+                break
+        chosen.sort()
+        bodies = self._fetch_bodies(session, chosen)
+        emails: list[EmailData] = []
+        for uid in chosen:
+            raw = bodies.get(uid)
+            if raw is None:
+                continue  # expunged meanwhile, or the server failed it
+            try:
+                email = decode_email(raw)
+            except MalformedEmailError as exc:
+                logger.warning("history: skipping malformed email UID %d: %s", uid, exc)
+                continue
+            if email is not None and email.content.subject == topic:
+                emails.append(email)
+        logger.debug(
+            "history of %r: %d of %d candidate(s) below UID %d",
+            topic[:80],
+            len(emails),
+            len(candidates),
+            below,
+        )
+        return emails
+
     # -- closing --------------------------------------------------------------------------
 
     def _finalize(self) -> None:
@@ -831,3 +912,23 @@ class ImapEmailReceiver(EmailReceiver):
             session.close(polite=True)
         self._mode = "closed"
         self._pipe.close()
+
+
+def _is_message_on(topic: str, item: dict[bytes, Any], limit: int) -> bool:
+    """Whether a header-only listing is an emailmw message on exactly ``topic`` (not a
+    request or response, not over ``max-message-size``)."""
+    if int(item.get(b"RFC822.SIZE") or 0) > limit:
+        return False
+    block = next((v for k, v in item.items() if k.startswith(b"BODY[HEADER.FIELDS")), None)
+    if not isinstance(block, bytes):
+        return False
+    try:
+        head = decode_email(block.rstrip(b"\r\n") + b"\r\n\r\n")
+    except MalformedEmailError:
+        return False
+    return (
+        head is not None
+        and head.content.subject == topic
+        and not head.in_reply_to
+        and "Publisher-GID" in head.headers
+    )

@@ -19,7 +19,7 @@ underneath where IMAPClient falls short:
   is kept as ``trouble``: :meth:`Session.verify_mailbox` EXAMINEs the mailbox
   again. ``BYE`` ends the session.
 * ``UID FETCH`` with ``n:*`` ranges and arbitrary items, parsed by IMAPClient's
-  response parser.
+  response parser; ``UID SEARCH`` (the history of a topic).
 * IMAP IDLE (RFC 2177) over our own wait: a ``poll()`` on the IMAP socket and
   a wake-up file descriptor, after checking the bytes that imaplib's reader
   (and the TLS layer) may already hold: with IMAPClient's own ``idle_check``
@@ -233,6 +233,21 @@ class Session:
                 logger.debug("%s: UID FETCH %s: %s %s", self.server, _text(uids), typ, data)
             self._scan(None)
             return typ == "OK", result
+
+    def search(self, criteria: list[str | bytes]) -> tuple[bool, list[int]]:
+        """``UID SEARCH CHARSET UTF-8 criteria`` (IMAPClient quotes each item):
+        ``(ok, UIDs)``; ok is False on NO or BAD."""
+        with self._guard("UID SEARCH"):
+            try:
+                found = self.client.search(criteria, charset="UTF-8")
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as exc:  # NO or BAD: the session is fine
+                logger.debug("%s: UID SEARCH: %s", self.server, exc)
+                self._scan(None)
+                return False, []
+            self._scan(None)
+            return True, sorted(int(uid) for uid in found)
 
     def verify_mailbox(self, mailbox: str) -> None:
         """After an untagged NO or BAD (Dovecot's answer to every command once the

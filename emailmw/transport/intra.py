@@ -3,6 +3,8 @@
 :class:`IntraEmailSender` gives each email straight to its
 :class:`IntraEmailReceiver`, which stamps it with a random ``Message-ID`` (as a
 mail server's sender would) and queues it until the polling manager takes it.
+The receiver also keeps the last ``history_depth`` messages of each topic
+(default :data:`HISTORY_DEPTH`), for subscriptions made with ``history=N``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
+from emailmw.info import HEADER_PUBLISHER_GID
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
-from emailmw.transport.receiver import Dispatcher, EmailReceiver
+from emailmw.transport.receiver import Dispatcher, EmailReceiver, History
 from emailmw.transport.sender import EmailSender
 from emailmw.waitable import Waiter
 
 if TYPE_CHECKING:
     from emailmw.stats import StatsCounters
 
-__all__ = ["INTRAPROCESS_ADDRESS", "IntraEmailReceiver", "IntraEmailSender"]
+__all__ = ["HISTORY_DEPTH", "INTRAPROCESS_ADDRESS", "IntraEmailReceiver", "IntraEmailSender"]
 
 #: The From and To address of intraprocess emails.
 INTRAPROCESS_ADDRESS = "intraprocess@localhost"
+#: How many messages of each topic the intraprocess receiver keeps for ``history=N``
+#: (config key ``history-depth``).
+HISTORY_DEPTH = 1000
 
 
 class IntraEmailReceiver(EmailReceiver):
@@ -36,9 +42,17 @@ class IntraEmailReceiver(EmailReceiver):
     otherwise it is queued and the polling thread dispatches it. A lock held
     while dispatching, and taken before the queue is drained, keeps emails in
     delivery order either way.
+
+    The last ``history_depth`` messages (``Publisher-GID``, no ``In-Reply-To``)
+    of each topic are kept, in delivery order, for :meth:`history` (0: none).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, history_depth: int = HISTORY_DEPTH) -> None:
+        if history_depth < 0:
+            raise ValueError(f"history_depth must be 0 or more, not {history_depth}")
+        self._history_depth = history_depth
+        self._history: dict[str, deque[EmailData]] = {}  # kept under the dispatch lock
+        self._in_flight: frozenset[str] = frozenset()
         self._queue: deque[EmailData] = deque()
         self._wakeup = Waiter()
         self._interrupted = False
@@ -71,6 +85,7 @@ class IntraEmailReceiver(EmailReceiver):
         if dispatcher is not None and not queue and self._dispatch_lock.acquire(blocking=False):
             try:
                 if not queue:
+                    self._keep([email])
                     dispatcher([email])
                     return message_id
                 queue.append(email)
@@ -81,6 +96,32 @@ class IntraEmailReceiver(EmailReceiver):
         if not self._wakeup.is_set():
             self._wakeup.set()
         return message_id
+
+    def history(self, topic: str, count: int) -> History:
+        """Up to the last ``count`` messages dispatched on ``topic`` (at most the last
+        ``history_depth``), oldest first. Taken under the dispatch lock: every
+        message it holds was dispatched, every later one is dispatched after it
+        (with no bound dispatcher: the last batch :meth:`receive` returned is in
+        flight)."""
+        if count <= 0:
+            return History([])
+        with self._dispatch_lock:
+            kept = self._history.get(topic)
+            emails = [] if not kept else list(kept)[-count:]
+            return History(emails, self._in_flight)
+
+    def _keep(self, emails: list[EmailData]) -> None:
+        """Add the messages among ``emails`` to their topics' history (dispatch lock held)."""
+        if not self._history_depth:
+            return
+        for email in emails:
+            if email.in_reply_to or HEADER_PUBLISHER_GID not in email.headers:
+                continue
+            topic = email.content.subject
+            kept = self._history.get(topic)
+            if kept is None:
+                kept = self._history[topic] = deque(maxlen=self._history_depth)
+            kept.append(email)
 
     def receive(self, timeout: float | None) -> list[EmailData]:
         """Every queued email, waiting up to ``timeout`` for one to arrive.
@@ -95,10 +136,12 @@ class IntraEmailReceiver(EmailReceiver):
             self._wakeup.wait(timeout)
         self._interrupted = False
         dispatcher = self._dispatcher
-        if dispatcher is None:
-            return _drain(queue)
         with self._dispatch_lock:
             emails = _drain(queue)
+            self._keep(emails)
+            if dispatcher is None:  # the caller dispatches them
+                self._in_flight = frozenset(e.message_id for e in emails)
+                return emails
             if emails:
                 dispatcher(emails)
         return []

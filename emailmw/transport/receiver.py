@@ -5,13 +5,25 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from emailmw.transport.data import EmailData
 
 #: Takes a batch of received emails, in order, and routes them.
 Dispatcher = Callable[[list[EmailData]], None]
 
-__all__ = ["Dispatcher", "EmailReceiver"]
+__all__ = ["Dispatcher", "EmailReceiver", "History"]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A topic's last messages as a receiver read them again (see
+    :meth:`EmailReceiver.history`): the emails, oldest first, and the Message-IDs
+    of those the last :meth:`EmailReceiver.receive` returned (maybe not dispatched
+    yet: if not, they come live)."""
+
+    emails: list[EmailData]
+    in_flight: frozenset[str] = frozenset()
 
 
 class EmailReceiver(abc.ABC):
@@ -54,6 +66,18 @@ class EmailReceiver(abc.ABC):
     @abc.abstractmethod
     def interrupt(self) -> None:
         """Make a blocked or the next :meth:`receive` return promptly. Thread-safe."""
+
+    def history(self, topic: str, count: int) -> History:
+        """Up to the last ``count`` messages on ``topic`` that this receiver already
+        read (or that came before its start position), oldest first: what a
+        subscription made with ``history=count`` receives first.
+
+        Every message after them is received (and dispatched) later. Those of
+        the last batch :meth:`receive` returned are named in ``in_flight``: they
+        may not be dispatched yet. Called from any thread. A receiver that keeps
+        no history returns none.
+        """
+        return History([])
 
     def bind_dispatcher(self, dispatcher: Dispatcher) -> bool:
         """Offer to dispatch emails in the thread that delivers them.
