@@ -43,6 +43,15 @@ postfix, run as root) and prints, from one run, side by side:
   ``--late-joiner-only`` runs only the floor and this row (about a minute; with
   ``PYTHONPATH`` pointing at another emailmw tree it measures that tree).
 
+* **history: last 100 of 100 000 emails**: a folder filled by IMAP
+  ``MULTIAPPEND`` (batches of 500) with ``--history-emails`` emailmw messages
+  (default 100 000; every 100th on the measured topic, the rest on 9 others),
+  then, in a fresh ``Context`` on it, the time of
+  ``Subscription(topic, history=100)`` (it returns once the history is queued)
+  and the bytes its receiver read from the server meanwhile
+  (``ImapEmailReceiver.bytes_received``), next to the folder's size.
+  ``--history-only`` runs only this row; ``--no-history`` skips it.
+
     python benchmarks/mailbox.py                          # the table, about 4.5 minutes
     python benchmarks/mailbox.py --json                   # the same results as JSON
     python benchmarks/mailbox.py --messages 50 --idle-seconds 5 --burst 300   # quick look
@@ -113,6 +122,8 @@ from emailmw.devserver import DevServer
 
 TOPIC = "/bench"
 ACCOUNT = "alice"
+HISTORY_EMAILS = 100_000  # emails in the history row's folder
+HISTORY_LAST = 100  # the history asked for
 DEFAULT_MODES = "auto,idle,poll-10ms,poll-100ms"
 THROUGHPUT_MODE = "auto"
 PAIRED_MODE = "auto"
@@ -433,6 +444,86 @@ class Bench:
             account.address,
             account.password,
         )
+
+    def history(self, total: int, last: int) -> dict[str, Any]:
+        """Fill a folder with ``total`` emails (every 100th on the topic), then time
+        ``Subscription(topic, history=last)`` in a fresh context and count its bytes."""
+        from emailmw.transport.codec import encode_email, new_message_id
+        from emailmw.transport.data import (
+            EmailContent,
+            EmailData,
+            EmailHeaders,
+            EmailRecipients,
+        )
+        from emailmw.transport.imap import ImapEmailReceiver
+
+        folder, address = self.server.new_mailbox(ACCOUNT, prefix="history")
+        client = imap_login(self.info)
+        fill_started = time.monotonic()
+        size = 0
+        on_topic = 0
+        previous: dict[str, tuple[int, int]] = {}
+        batch: list[bytes] = []
+        for i in range(total):
+            topic = TOPIC if i % 100 == 0 else f"{TOPIC}/other{i % 9}"
+            number, stamp_before = previous.get(topic, (0, 0))
+            stamp = time.time_ns()
+            headers = {
+                "Publisher-GID": "4242",
+                "Source-Timestamp": str(stamp),
+                "Publication-Number": str(number + 1),
+            }
+            if stamp_before:
+                headers["Previous-Timestamp"] = str(stamp_before)
+            previous[topic] = (number + 1, stamp)
+            on_topic += topic == TOPIC
+            raw = encode_email(
+                EmailData(
+                    content=EmailContent(topic, f"message {i} " + "x" * 200),
+                    headers=EmailHeaders(headers),
+                    message_id=new_message_id("example.test"),
+                    from_=address,
+                    recipients=EmailRecipients(to=[address]),
+                )
+            )
+            size += len(raw)
+            batch.append(raw)
+            if len(batch) == 500 or i == total - 1:
+                client.multiappend(folder, batch)
+                batch = []
+        client.logout()
+        fill_s = time.monotonic() - fill_started
+        config = self.server.config(ACCOUNT, mailbox=folder, to=address)
+        with emailmw.Context(emailmw.Options.from_dict(config)) as ctx:
+            receiver = ctx._receiver
+            assert isinstance(receiver, ImapEmailReceiver)
+            before_bytes = receiver.bytes_received
+            before_commands = receiver.commands_sent
+            started = time.monotonic()
+            sub = emailmw.Subscription(TOPIC, history=last, context=ctx)
+            elapsed = time.monotonic() - started
+            read = receiver.bytes_received - before_bytes
+            commands = receiver.commands_sent - before_commands
+            got = []
+            while (item := sub.get_message()) is not None:
+                got.append(item)
+            started = time.monotonic()
+            emailmw.Subscription(TOPIC, history=last, context=ctx).close()
+            again = time.monotonic() - started
+        expected = [f"message {i} " + "x" * 200 for i in range(0, total, 100)][-last:]
+        return {
+            "emails": total,
+            "on_topic": on_topic,
+            "last": last,
+            "delivered": len(got),
+            "correct": got == expected,
+            "folder_bytes": size,
+            "fill_s": fill_s,
+            "time_ms": elapsed * 1000,
+            "again_ms": again * 1000,
+            "bytes_read": read,
+            "commands": commands,
+        }
 
     def warm_up(self, count: int = 10) -> None:
         """Send ``count`` emails through the stack and read them back (unmeasured)."""
@@ -862,6 +953,21 @@ def print_late_joiner(late: dict[str, Any]) -> None:
             )
 
 
+def print_history(h: dict[str, Any]) -> None:
+    """The history row: time and bytes of ``Subscription(..., history=N)``."""
+    sys.stdout.write(
+        f"\nhistory: last {h['last']} of {h['emails']:,} emails "
+        f"({h['on_topic']:,} on the topic; folder {h['folder_bytes'] / 1e6:.1f} MB, "
+        f"filled in {h['fill_s']:.0f} s)\n"
+        f"  Subscription(..., history={h['last']}): {h['time_ms']:.0f} ms, "
+        f"{h['bytes_read'] / 1e3:.1f} kB read from the server "
+        f"({100 * h['bytes_read'] / h['folder_bytes']:.3f} % of the folder), "
+        f"{h['commands']} IMAP commands; {h['delivered']} messages, "
+        f"{'the right ones in order' if h['correct'] else 'NOT the expected ones'}; "
+        f"a second one right after: {h['again_ms']:.0f} ms\n"
+    )
+
+
 def print_report(results: dict[str, Any]) -> None:
     s = results["settings"]
     m = results["machine"]
@@ -983,6 +1089,16 @@ def main(argv: list[str] | None = None) -> int:
         default=LATE_JOINER_MODES,
         help=f"receive modes of the late joiners, comma-separated ({LATE_JOINER_MODES})",
     )
+    parser.add_argument(
+        "--history-emails",
+        type=int,
+        default=HISTORY_EMAILS,
+        help=f"emails in the history row's folder ({HISTORY_EMAILS})",
+    )
+    parser.add_argument(
+        "--no-history", dest="history", action="store_false", help="skip the history row"
+    )
+    parser.add_argument("--history-only", action="store_true", help="measure only the history row")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--save", metavar="PATH", help="also write the JSON results to PATH")
     args = parser.parse_args(argv)
@@ -1000,6 +1116,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--late-joiner-only and --no-late-joiner contradict each other")
         modes, args.paired, args.idle_seconds, args.burst = [], False, 0.0, 0
 
+    if args.history_only:
+        if not args.history:
+            parser.error("--history-only and --no-history contradict each other")
+        modes, args.paired, args.idle_seconds, args.burst = [], False, 0.0, 0
+        args.late_joiner = False
+    if args.history and args.history_emails < HISTORY_LAST:
+        parser.error(f"--history-emails must be >= {HISTORY_LAST}")
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {
@@ -1018,7 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
     with DevServer(accounts=(ACCOUNT,)) as server:
         bench = Bench(server)
         bench.warm_up()
-        results["floor"] = bench.floor(args.messages, args.rate)
+        if args.history:
+            results["history"] = bench.history(args.history_emails, HISTORY_LAST)
+        if not args.history_only:
+            results["floor"] = bench.floor(args.messages, args.rate)
         if args.late_joiner and late_modes:
             results["late_joiner"] = bench.late_joiner(
                 late_modes, args.late_joins, results["floor"].get("p50_ms")
@@ -1036,15 +1162,26 @@ def main(argv: list[str] | None = None) -> int:
             }
     results["elapsed_s"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
-    results["targets"] = targets(results)
+    results["targets"] = targets(results) if "floor" in results else []
     if args.save:
         with open(args.save, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
+    elif args.history_only:
+        m = results["machine"]
+        sys.stdout.write(
+            f"machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; load average "
+            f"at start {fmt_load(m['load_average_at_start'])}, "
+            f"at end {fmt_load(m['load_average_at_end'])}\n"
+        )
+        print_history(results["history"])
+        sys.stdout.write(f"\n(run took {results['elapsed_s']:.0f} s)\n")
     else:
         print_report(results)
+        if "history" in results:
+            print_history(results["history"])
         sys.stdout.write(f"\n(run took {results['elapsed_s']:.0f} s)\n")
     return 0
 

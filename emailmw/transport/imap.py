@@ -175,7 +175,8 @@ _FETCH_LIST_HEAD = b"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.%d>)"
 _FETCH_BODY = b"(UID BODY.PEEK[])"
 _HISTORY_FIELDS = b"SUBJECT PUBLISHER-GID SOURCE-TIMESTAMP IN-REPLY-TO"
 _FETCH_HISTORY_HEAD = b"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (%s)])" % _HISTORY_FIELDS
-_HISTORY_CHUNK = 64  # candidates checked on their headers at once (at least)
+_HISTORY_CHUNK = 64  # candidates checked on their headers at once (at least) ...
+_HISTORY_CHUNK_MAX = 4096  # ... growing up to this while look-alikes keep coming
 
 
 class _WakePipe:
@@ -857,17 +858,21 @@ class ImapEmailReceiver(EmailReceiver):
         if below <= 1:
             return []
         # A case-insensitive substring match: each candidate is checked on its headers.
-        ok, uids = session.search(
-            ["UID", f"1:{below - 1}", "HEADER", "Subject", topic, "HEADER", "Publisher-GID", ""]
-        )
+        # NOT <topic>/: the topic's own sub-topics, the usual substring matches
+        criteria: list[str | bytes] = ["UID", f"1:{below - 1}", "HEADER", "Subject", topic]
+        criteria += ["NOT", "HEADER", "Subject", f"{topic}/", "HEADER", "Publisher-GID", ""]
+        ok, uids = session.search(criteria)
         if not ok:
             raise ConnectionLostError(f"UID SEARCH for the history of {topic[:80]!r} refused")
         candidates = [uid for uid in reversed(uids) if uid < below]  # newest first
         limit = self._settings.max_message_size
         chosen: list[int] = []
         step = max(2 * count, _HISTORY_CHUNK)
-        for start in range(0, len(candidates), step):
+        start = 0
+        while start < len(candidates):
             chunk = candidates[start : start + step]
+            start += len(chunk)
+            step = min(2 * step, _HISTORY_CHUNK_MAX)  # look-alikes: check more at once
             _, found = session.fetch(b",".join(b"%d" % uid for uid in chunk), _FETCH_HISTORY_HEAD)
             for uid in chunk:  # newest first
                 item = found.get(uid)
