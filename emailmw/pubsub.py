@@ -143,6 +143,13 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
     (decided once, here; see :func:`emailmw.entity.callback_arity`). Keep a
     reference to the subscription: one that is garbage-collected stops
     receiving. ``for message in subscription:`` yields the messages as they come.
+
+    ``history=N``: first up to the last ``N`` messages of the topic already in the
+    mailbox (intraprocess: among the last ``history-depth`` kept per topic), oldest
+    first and in each publisher's order, then the live ones, with no gap and no
+    duplicate between the two; the constructor returns once they are queued
+    (raises :class:`~emailmw.TransportError` if the server cannot answer). Only
+    this subscription gets them. ``0`` (the default): only what comes after.
     """
 
     _kind = "topic"

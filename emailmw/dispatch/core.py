@@ -18,15 +18,18 @@ than the one the polling thread sleeps on, the core wakes it (the receiver's
 
 History (``Subscription(..., history=N)``): the subscription is registered
 first, so it gets every message dispatched from then on; then the receiver
-reads the topic's last ``N`` messages up to its position (every message it
-returns reached the receiver, every one after it is dispatched later), and
-:meth:`DeliveryCore.deliver_history` hands them to that subscription alone,
-before what it got live meanwhile. A message in both (received, not yet
-dispatched, when the history was read) is left out of one of them by the
-subscription, by its publisher and timestamp: not by the Message-ID
-memory, which would take it from the other subscriptions too. The order needs
-no teaching: it learns every numbered message from the live path, wanted or
-not, and never waits for one published before the receiver's start.
+reads the topic's last ``N`` messages up to its position (every message after
+them is dispatched later), and :meth:`DeliveryCore.deliver_history` hands them
+to that subscription alone, under the lock, before what it got live meanwhile:
+
+* a message that came live meanwhile is not given twice (the subscription
+  compares publisher and Source-Timestamp; not the Message-ID memory, which
+  would take it from the other subscriptions too);
+* one the receiver returned but that is not dispatched yet (not in the
+  Message-ID memory), or that the order holds, comes live instead;
+* one whose predecessor the order has not released (it is still on its way
+  through the mail system) is held in the order for this subscription only and
+  released after the predecessor, or when the window passes.
 
 Lock order: the intraprocess receiver's dispatch lock, then this core's lock,
 then an entity's lock. Entities never call the core while holding their own

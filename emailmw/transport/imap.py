@@ -102,6 +102,27 @@ Stats
     :attr:`~ImapEmailReceiver.bytes_received` counts the bytes read from the
     server.
 
+History (:meth:`~ImapEmailReceiver.history`, for ``Subscription(..., history=N)``)
+    The last ``N`` messages on a topic below the receiver's position (the UIDs it
+    already read, or that were there before it started), without downloading the
+    folder::
+
+        UID SEARCH CHARSET UTF-8 UID 1:<next-1> HEADER Subject <topic>
+            NOT HEADER Subject <topic>/ HEADER Publisher-GID ""
+        UID FETCH <newest candidates> (UID RFC822.SIZE
+            BODY.PEEK[HEADER.FIELDS (SUBJECT PUBLISHER-GID SOURCE-TIMESTAMP IN-REPLY-TO)])
+        UID FETCH <the N chosen> (UID BODY.PEEK[])
+
+    SEARCH is a case-insensitive substring match: each candidate, newest first,
+    is checked on its header fields (exact ``Subject``, ``Publisher-GID``, no
+    ``In-Reply-To``, not over ``max-message-size``) until ``N`` are found (in
+    batches of ``2N``, at least 64, doubling up to 4096). It runs on the
+    receiver's connection, cutting in like :meth:`~ImapEmailReceiver.probe`; the
+    Message-IDs of the last batch :meth:`~ImapEmailReceiver.receive` returned go
+    along (they may not be dispatched yet: see
+    :meth:`emailmw.dispatch.core.DeliveryCore.deliver_history`). Nothing is
+    counted or remembered: these emails are not received again.
+
 Threads
     Only the thread in :meth:`~ImapEmailReceiver.receive` (or
     :meth:`~ImapEmailReceiver.receive_raw`, :meth:`~ImapEmailReceiver.connect`,
