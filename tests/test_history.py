@@ -307,3 +307,91 @@ def test_history_over_imap_fetches_far_less_than_the_folder(
         assert take(three, 3, 5.0) == ["h3", "h4", "h5"]
     assert size > 4_000_000
     assert fetched < 0.01 * size, (fetched, size)  # 5 small bodies and a few headers
+
+
+class Sink:
+    """A subscription as the delivery core sees it: what it was handed, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+
+    def _push_message(self, body: str, message_type: str | None, info: object) -> bool:
+        self.got.append(body)
+        return True
+
+    def _push_history(self, messages: list[tuple[str, str | None, object]]) -> int:
+        self.got[:0] = [body for body, _, _ in messages]
+        return len(messages)
+
+
+def numbered(number: int, stamps: dict[int, int], gid: int = 7) -> EmailData:
+    """Message ``number`` of publisher ``gid``, chained to ``number - 1`` by its stamp."""
+    headers = {
+        "Publisher-GID": str(gid),
+        "Publication-Number": str(number),
+        "Source-Timestamp": str(stamps[number]),
+    }
+    if number > 1:
+        headers["Previous-Timestamp"] = str(stamps[number - 1])
+    return EmailData(
+        EmailContent(TOPIC, f"n{number}"), EmailHeaders(headers), message_id=f"<{number}@x>"
+    )
+
+
+def test_a_history_message_whose_predecessor_is_on_its_way_waits_for_it() -> None:
+    """n3 was read before n2 (the mail system reordered them) and, nobody wanting it,
+    released at once; a subscription made then gets n1 and n3 as history, but n3 only
+    after n2 comes live. Another subscription gets n2 only (and not the history)."""
+    from emailmw.dispatch.core import DeliveryCore
+    from emailmw.transport.receiver import History
+
+    stamps = {n: 1_000 + n for n in range(1, 5)}
+    core = DeliveryCore(StatsCounters(), reorder_window=5.0, horizon_ns=1_000)
+    core.dispatch_batch([numbered(1, stamps), numbered(3, stamps)])
+    other, late = Sink(), Sink()
+    core.register_subscription(TOPIC, other)
+    core.register_subscription(TOPIC, late)
+    core.deliver_history(TOPIC, late, History([numbered(1, stamps), numbered(3, stamps)]))
+    assert late.got == ["n1"]
+    assert core.held_count == 1
+    core.dispatch_batch([numbered(2, stamps), numbered(4, stamps)])
+    assert late.got == ["n1", "n2", "n3", "n4"]
+    assert other.got == ["n2", "n4"]
+    assert core.held_count == 0
+
+
+def test_history_leaves_what_is_not_dispatched_yet_or_held_to_come_live() -> None:
+    """n4 waits in the order for n3; n5 was received but is not dispatched yet (in
+    flight): the history gives n1 and n2, and the rest comes live, once, in order."""
+    from emailmw.dispatch.core import DeliveryCore
+    from emailmw.transport.receiver import History
+
+    stamps = {n: 1_000 + n for n in range(1, 6)}
+    core = DeliveryCore(StatsCounters(), reorder_window=5.0, horizon_ns=1_000)
+    early = Sink()
+    core.register_subscription(TOPIC, early)
+    core.dispatch_batch([numbered(1, stamps), numbered(2, stamps), numbered(4, stamps)])
+    assert early.got == ["n1", "n2"] and core.held_count == 1
+    late = Sink()
+    core.register_subscription(TOPIC, late)
+    everything = [numbered(n, stamps) for n in (1, 2, 4, 5)]
+    core.deliver_history(TOPIC, late, History(everything, frozenset({"<5@x>"})))
+    assert late.got == ["n1", "n2"]
+    core.dispatch_batch([numbered(3, stamps), numbered(5, stamps)])
+    assert late.got == ["n1", "n2", "n3", "n4", "n5"]
+    assert early.got == ["n1", "n2", "n3", "n4", "n5"]
+
+
+def test_a_held_history_message_is_not_pushed_into_a_closed_subscription() -> None:
+    from emailmw.dispatch.core import DeliveryCore
+    from emailmw.transport.receiver import History
+
+    stamps = {n: 1_000 + n for n in range(1, 4)}
+    core = DeliveryCore(StatsCounters(), reorder_window=5.0, horizon_ns=1_000)
+    core.dispatch_batch([numbered(1, stamps), numbered(3, stamps)])
+    late = Sink()
+    core.register_subscription(TOPIC, late)
+    core.deliver_history(TOPIC, late, History([numbered(1, stamps), numbered(3, stamps)]))
+    core.unregister_subscription(TOPIC, late)
+    core.dispatch_batch([numbered(2, stamps)])
+    assert late.got == ["n1"]

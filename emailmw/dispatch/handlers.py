@@ -402,6 +402,7 @@ class SubscriptionHandler(EmailHandler):
         for entry in ready:
             if isinstance(entry, _ForOne):  # history held for one subscription
                 one = entry.subscription()
+                # only while it is registered: none once it closed
                 targets = tuple(r for r in routes if one is not None and r() is one)
                 body, message_type, info = entry.message
             else:
