@@ -222,7 +222,7 @@ class Options(_Model):
         default=10_000, alias="queue-depth", ge=1, le=_MAX_QUEUE_DEPTH, strict=True
     )
     history_depth: int = Field(
-        default=1000, alias="history-depth", ge=0, le=_MAX_QUEUE_DEPTH, strict=True
+        default=100, alias="history-depth", ge=0, le=_MAX_QUEUE_DEPTH, strict=True
     )
     max_message_size: int = Field(
         default=25 * 1024 * 1024,

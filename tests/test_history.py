@@ -9,6 +9,8 @@ and only the wanted bodies are fetched.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -152,8 +154,17 @@ def test_no_gap_and_no_duplicate_while_publishing_during_the_creation(
     a quarter, half and three quarters of the stream): with a history larger than the
     stream, each gets every number exactly once, in order per publisher, whether it
     came as history or live."""
-    ctx = transport.ctx
     count = 80 if transport.email else 400
+    with contextlib.ExitStack() as stack:
+        if transport.email:
+            ctx = transport.ctx
+        else:  # the intraprocess history must hold the whole stream (default: 100)
+            options = emailmw.Options(intraprocess=True, history_depth=10 * count)
+            ctx = stack.enter_context(emailmw.Context(options))
+        _publish_while_subscribing(transport, ctx, count)
+
+
+def _publish_while_subscribing(transport: Transport, ctx: emailmw.Context, count: int) -> None:
     publishers = {name: emailmw.Publisher(TOPIC, context=ctx) for name in ("a", "b")}
     started = threading.Barrier(3)
     marks = [threading.Event() for _ in range(3)]
@@ -228,13 +239,35 @@ def test_history_must_be_a_count() -> None:
                 emailmw.Subscription(TOPIC, history=bad, context=ctx)  # type: ignore[call-overload]
 
 
-def test_the_intraprocess_history_is_bounded_by_history_depth() -> None:
+def test_the_intraprocess_history_is_bounded_by_history_depth(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with emailmw.Context(emailmw.Options(intraprocess=True, history_depth=5)) as ctx:
         pub = emailmw.Publisher(TOPIC, context=ctx)
         for i in range(1, 11):
             pub.publish(f"m{i}")
-        sub = emailmw.Subscription(TOPIC, history=100, context=ctx)
+        with caplog.at_level(logging.WARNING, logger="emailmw.transport.intra"):
+            sub = emailmw.Subscription(TOPIC, history=100, context=ctx)
+        # asking for more than is kept says so, with the key to raise
+        assert any(
+            "keeps only the last 5 messages" in r.getMessage() and "history-depth" in r.getMessage()
+            for r in caplog.records
+        )
         assert take(sub, 5, 1.0) == [f"m{i}" for i in range(6, 11)]
+        assert sub.get_message() is None
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="emailmw.transport.intra"):
+            emailmw.Subscription(TOPIC, history=5, context=ctx)
+        assert not caplog.records  # within the bound: nothing to say
+
+
+def test_the_intraprocess_history_depth_defaults_to_100() -> None:
+    with emailmw.Context(emailmw.Options(intraprocess=True)) as ctx:
+        pub = emailmw.Publisher(TOPIC, context=ctx)
+        for i in range(1, 151):
+            pub.publish(f"m{i}")
+        sub = emailmw.Subscription(TOPIC, history=150, context=ctx)
+        assert take(sub, 100, 1.0) == [f"m{i}" for i in range(51, 151)]
         assert sub.get_message() is None
     with emailmw.Context(emailmw.Options(intraprocess=True, history_depth=0)) as c:
         emailmw.Publisher(TOPIC, context=c).publish("kept nowhere")

@@ -10,6 +10,7 @@ The receiver also keeps the last ``history_depth`` messages of each topic
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import threading
 from collections import deque
@@ -24,13 +25,15 @@ from emailmw.waitable import Waiter
 if TYPE_CHECKING:
     from emailmw.stats import StatsCounters
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["HISTORY_DEPTH", "INTRAPROCESS_ADDRESS", "IntraEmailReceiver", "IntraEmailSender"]
 
 #: The From and To address of intraprocess emails.
 INTRAPROCESS_ADDRESS = "intraprocess@localhost"
 #: How many messages of each topic the intraprocess receiver keeps for ``history=N``
 #: (config key ``history-depth``).
-HISTORY_DEPTH = 1000
+HISTORY_DEPTH = 100
 
 
 class IntraEmailReceiver(EmailReceiver):
@@ -105,6 +108,14 @@ class IntraEmailReceiver(EmailReceiver):
         flight)."""
         if count <= 0:
             return History([])
+        if count > self._history_depth:
+            logger.warning(
+                "history=%d on %r: the intraprocess transport keeps only the last %d messages"
+                " of each topic (config key history-depth)",
+                count,
+                topic[:80],
+                self._history_depth,
+            )
         with self._dispatch_lock:
             kept = self._history.get(topic)
             emails = [] if not kept else list(kept)[-count:]
