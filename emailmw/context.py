@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING
 from emailmw.aio import AsyncContextMixin
 from emailmw.dispatch.core import DeliveryCore
 from emailmw.dispatch.polling import PollingManager
+from emailmw.durable import DurableCursor
 from emailmw.errors import ConfigError, ContextError
 from emailmw.options import Options
 from emailmw.security import AdmissionPolicy
+from emailmw.state_store import StateStore
 from emailmw.stats import Stats, StatsCounters
 from emailmw.transport import EmailReceiver, EmailSender, IntraEmailReceiver, IntraEmailSender
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
-from emailmw.transport.receiver import History
+from emailmw.transport.receiver import Backlog, History
 from emailmw.transport.signing import SigningSender
 from emailmw.waitable import Waitable, Waiter
 
@@ -102,6 +104,8 @@ class Context(AsyncContextMixin):
         self._receiver: EmailReceiver | None = None
         self._core: DeliveryCore | None = None
         self._polling_manager: PollingManager | None = None
+        self._state_store_: StateStore | None = None  # opened by the first durable subscription
+        self._durable_cursors: weakref.WeakSet[DurableCursor] = weakref.WeakSet()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -190,6 +194,7 @@ class Context(AsyncContextMixin):
         self._close_transport()
         if polling_manager is not None:
             polling_manager.shutdown(timeout=1.0)
+        self._close_state()
         logger.info("context shut down")
         return True
 
@@ -201,6 +206,16 @@ class Context(AsyncContextMixin):
                     closeable.close()
                 except Exception:
                     logger.exception("error while closing %r", closeable)
+
+    def _close_state(self) -> None:
+        """Release the durable subscriptions' names and close the state store."""
+        with self._lock:
+            cursors = list(self._durable_cursors)
+            store, self._state_store_ = self._state_store_, None
+        for cursor in cursors:
+            cursor.close()
+        if store is not None:
+            store.close()
 
     def __enter__(self) -> Context:
         if self._state is ContextState.CREATED:
@@ -309,6 +324,28 @@ class Context(AsyncContextMixin):
             self._check()
         assert receiver is not None
         return receiver.history(topic_name, count)
+
+    def _durable_cursor(self, name: str, topic_name: str) -> DurableCursor:
+        """Claim the durable subscription ``name`` on ``topic_name`` in the state store
+        (opened on first use, at ``state-dir``)."""
+        with self._lock:
+            if self._state is not ContextState.RUNNING:
+                self._check()
+            store = self._state_store_
+            if store is None:
+                store = self._state_store_ = StateStore(self._options.resolved_state_dir())
+            cursor = DurableCursor(store, name, topic_name, self._stats)
+            self._durable_cursors.add(cursor)
+        return cursor
+
+    def _backlog(self, topic_name: str, uidvalidity: int | None, after_uid: int) -> Backlog:
+        """What the receiver read on ``topic_name`` after ``after_uid`` (see
+        :meth:`EmailReceiver.backlog`)."""
+        receiver = self._receiver
+        if receiver is None or self._state is not ContextState.RUNNING:
+            self._check()
+        assert receiver is not None
+        return receiver.backlog(topic_name, uidvalidity, after_uid)
 
     def _send(self, content: EmailContent, headers: EmailHeaders) -> str:
         """Send a new email through the context's sender; return its Message-ID."""

@@ -10,6 +10,8 @@ The tree::
     ├── InvalidMessageError          (also ValueError) payload that cannot be sent or read
     │   └── MessageTypeError         (also TypeError) a value not of the declared type
     ├── GuardConditionInUseError     guard condition already in another wait set
+    ├── DurableNameInUseError        a durable subscription's name is taken by another one
+    ├── StateStoreError              the local state store (state-dir) cannot be used
     ├── WaitTimeoutError             (also TimeoutError) a wait_for_* timed out
     ├── UnknownRequestError          (also KeyError) response to an unknown request id
     └── TransportError               the mail servers could not do what was asked
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ContextError",
+    "DurableNameInUseError",
     "EmailmwError",
     "GuardConditionInUseError",
     "ImapError",
@@ -40,6 +43,7 @@ __all__ = [
     "MessageTypeError",
     "RecipientsRefusedError",
     "SmtpError",
+    "StateStoreError",
     "TlsError",
     "TransportError",
     "UnknownRequestError",
@@ -93,6 +97,16 @@ class MessageTypeError(InvalidMessageError, TypeError):
 
 class GuardConditionInUseError(EmailmwError):
     """A guard condition was added to a second wait set."""
+
+
+class DurableNameInUseError(EmailmwError):
+    """A durable subscription's name is in use by another subscription, in this
+    process or another one (see ``Subscription(..., durable=NAME)``)."""
+
+
+class StateStoreError(EmailmwError):
+    """The local state store (config key ``state-dir``) cannot be opened or written;
+    the message names the file."""
 
 
 class WaitTimeoutError(EmailmwError, TimeoutError):

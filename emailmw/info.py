@@ -188,6 +188,9 @@ class MessageInfo:
     _email_headers: Mapping[str, str] = field(
         default_factory=lambda: _NO_HEADERS, repr=False, compare=False
     )
+    #: the email's Message-ID and IMAP UID (0: none), for durable subscriptions
+    _message_id: str = field(default="", repr=False, compare=False)
+    _uid: int = field(default=0, repr=False, compare=False)
 
     @property
     def headers(self) -> Mapping[str, str]:

@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from emailmw.errors import ConfigError
+from emailmw.state_store import default_state_dir
 from emailmw.transport.data import EmailRecipients
 from emailmw.transport.settings import (
     ImapSettings,
@@ -224,6 +225,8 @@ class Options(_Model):
     history_depth: int = Field(
         default=100, alias="history-depth", ge=0, le=_MAX_QUEUE_DEPTH, strict=True
     )
+    #: where durable subscriptions keep their state (None: :func:`default_state_dir`)
+    state_dir: Path | None = Field(default=None, alias="state-dir")
     max_message_size: int = Field(
         default=25 * 1024 * 1024,
         alias="max-message-size",
@@ -480,9 +483,14 @@ class Options(_Model):
             update={
                 "password_file": fix(self.password_file),
                 "signing_key_file": fix(self.signing_key_file),
+                "state_dir": fix(self.state_dir),
                 "tls": self.tls.model_copy(update={"ca_file": fix(self.tls.ca_file)}),
             }
         )
+
+    def resolved_state_dir(self) -> Path:
+        """``state-dir``, else ``$XDG_STATE_HOME/emailmw``, else ``~/.local/state/emailmw``."""
+        return self.state_dir if self.state_dir is not None else default_state_dir()
 
     @classmethod
     def find_file(cls) -> Path | None:

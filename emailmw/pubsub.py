@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar, overload
 from emailmw.aio import AsyncPublisherMixin, AsyncSubscriptionMixin
 from emailmw.context import Context
 from emailmw.dispatch.handlers import Message
+from emailmw.durable import DurableCursor
 from emailmw.entity import Entity, callback_arity, check_depth
 from emailmw.errors import ContextError, InvalidMessageError
 from emailmw.info import (
@@ -25,6 +26,7 @@ from emailmw.info import (
     MessageInfo,
 )
 from emailmw.serialization import HEADER_MESSAGE_TYPE, Serializer, serializer_for
+from emailmw.state_store import check_durable_name
 from emailmw.stats import DropReason
 from emailmw.transport.data import EmailContent, EmailHeaders
 from emailmw.validation import validate_headers
@@ -162,6 +164,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         callback: Callable[[str], object] | Callable[[str, MessageInfo], object] | None = None,
         depth: int | None = None,
         history: int = 0,
+        durable: str | None = None,
         context: Context | None = None,
     ) -> None: ...
     @overload
@@ -173,6 +176,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         callback: Callable[[T], object] | Callable[[T, MessageInfo], object] | None = None,
         depth: int | None = None,
         history: int = 0,
+        durable: str | None = None,
         context: Context | None = None,
     ) -> None: ...
     @overload
@@ -184,6 +188,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         callback: Callable[[Any], object] | Callable[[Any, MessageInfo], object] | None = None,
         depth: int | None = None,
         history: int = 0,
+        durable: str | None = None,
         context: Context | None = None,
     ) -> None: ...
     def __init__(
@@ -194,10 +199,18 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         callback: Callable[..., object] | None = None,
         depth: int | None = None,
         history: int = 0,
+        durable: str | None = None,
         context: Context | None = None,
     ) -> None:
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be an int, 0 or more, got {history!r}")
+        if durable is not None:
+            check_durable_name(durable)
+            if history:
+                raise ValueError(
+                    "history and durable cannot be combined: a durable subscription gets "
+                    "everything published since its name was first used"
+                )
         Waitable.__init__(self)
         self._serializer: Serializer[T] = serializer_for(message_type)
         self._plain = message_type is str
@@ -209,15 +222,24 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         self._queue: deque[tuple[T, MessageInfo]] = deque()
         # history given, that may come live too (received, not yet dispatched)
         self._history_keys: set[_Key] = set()
+        self._durable: DurableCursor | None = None
+        if durable is not None:
+            self._durable = self._context._durable_cursor(durable, self._name)
         self._context._register_waitable(self)
         core = self._context._delivery
+        if self._durable is not None:
+            core.watch_uids(self._name, self._durable.read)
         core.register_subscription(self._name, self)
-        if history:
-            try:  # registered first: what is not in the history comes live
+        try:  # registered first: what is not read back comes live
+            if self._durable is not None:
+                cursor = self._durable
+                backlog = self._context._backlog(self._name, cursor.uidvalidity, cursor.position)
+                core.deliver_history(self._name, self, cursor.catch_up(backlog))
+            elif history:
                 core.deliver_history(self._name, self, self._context._history(self._name, history))
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
         if callback is not None:
             self._context._set_callback_entity(self, True)
 
@@ -251,11 +273,19 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         item = self.get_message_with_info()
         return None if item is None else item[0]
 
+    @property
+    def durable(self) -> str | None:
+        """The durable subscription's name, or ``None``."""
+        return None if self._durable is None else self._durable.name
+
     def get_message_with_info(self) -> tuple[T, MessageInfo] | None:
         """Take the oldest waiting message and its metadata, or ``None``."""
         self._context._check()
         with self._lock:
-            return self._queue.popleft() if self._queue else None
+            item = self._queue.popleft() if self._queue else None
+        if item is not None and self._durable is not None:
+            self._durable.handled(item[1])
+        return item
 
     def __iter__(self) -> Iterator[T]:
         """Yield the messages as they come, blocking in between.
@@ -281,12 +311,22 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         self._context._check()
         ended = self._unregistered  # read first: nothing is queued after this is set
         with self._lock:
-            if self._queue:
-                return (self._queue.popleft()[0],)
+            item = self._queue.popleft() if self._queue else None
+        if item is not None:
+            if self._durable is not None:
+                self._durable.handled(item[1])
+            return (item[0],)
         return _END if ended else None
 
     def _unregister(self) -> None:
-        self._context._delivery.unregister_subscription(self._name, self)
+        try:
+            core = self._context._delivery
+            core.unregister_subscription(self._name, self)
+            if self._durable is not None:
+                core.unwatch_uids(self._name, self._durable.read)
+        finally:
+            if self._durable is not None:  # what is still queued comes again next time
+                self._durable.close()
 
     def _has_callback(self) -> bool:
         return self._callback is not None
@@ -300,8 +340,19 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
                 return None
             message, info = self._queue.popleft()
         if self._callback_arity == 2:
-            return functools.partial(callback, message, info)
-        return functools.partial(callback, message)
+            call = functools.partial(callback, message, info)
+        else:
+            call = functools.partial(callback, message)
+        durable = self._durable
+        if durable is None:
+            return call
+
+        def call_then_mark_handled() -> object:
+            result = call()  # raised: not handled, it comes again after a restart
+            durable.handled(info)
+            return result
+
+        return call_then_mark_handled
 
     @property
     def _waitable_context(self) -> Context:
@@ -324,14 +375,20 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
                 continue
             value = self._load(body, message_type, info)
             if value is _INVALID:
+                if self._durable is not None:
+                    self._durable.dropped(info)
                 continue
             items.append((value, info))
             keys.add(key)
+        durable = self._durable
         with self._lock:
             self._history_keys = keys
             queue = self._queue
             queue.extendleft(reversed(items))
-            while len(queue) > self._depth:
+            if durable is not None:  # a durable catch-up is kept whole (see durable.py)
+                for _, info in items:
+                    durable.given(info)
+            while len(queue) > self._depth and durable is None:
                 queue.popleft()
                 self._context._counters.drop(DropReason.QUEUE_FULL)
             if queue:
@@ -367,12 +424,19 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
                     return False
         value: Any = body if self._plain else self._load(body, message_type, info)
         if value is _INVALID:
+            if self._durable is not None:
+                self._durable.dropped(info)
             return False
+        durable = self._durable
         with self._lock:
             queue = self._queue
             if len(queue) >= self._depth:
-                queue.popleft()
+                _, lost = queue.popleft()
                 self._context._counters.drop(DropReason.QUEUE_FULL)
+                if durable is not None:
+                    durable.dropped(lost)
+            if durable is not None:
+                durable.given(info)
             queue.append((value, info))
             for waiter in self._waiters:
                 waiter.set()

@@ -42,6 +42,9 @@ class Stats:
     reconnects: int = 0
     #: callbacks and service handlers that raised (see :class:`~emailmw.Executor`)
     callback_errors: int = 0
+    #: UIDVALIDITY changes handled (the folder was recreated): by the receiver, and
+    #: by each durable subscription that finds its folder recreated
+    resyncs: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -63,6 +66,7 @@ class StatsCounters:
         "delivered",
         "reconnects",
         "callback_errors",
+        "resyncs",
     )
 
     def __init__(self) -> None:

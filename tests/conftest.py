@@ -11,6 +11,13 @@ from mailstack import dev_mailbox, dev_server  # noqa: F401  (fixtures)
 import emailmw
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durable subscriptions keep their state under a fresh $XDG_STATE_HOME, never in
+    the home directory of whoever runs the tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def ctx() -> Iterator[emailmw.Context]:
     """A running intraprocess context, shut down after the test."""

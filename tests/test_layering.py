@@ -53,6 +53,8 @@ LAYERS: dict[str, int] = {
     "emailmw.dispatch.core": 2,
     # admission (signature, replay, allowed senders) of received emails, by the core
     "emailmw.security": 2,
+    "emailmw.state_store": 2,  # the SQLite file of what survives a restart
+    "emailmw.durable": 2,  # a durable subscription's position and handled ids
     # 3 context
     "emailmw.context": 3,
     "emailmw.options": 3,  # reading files and the environment: the context's business

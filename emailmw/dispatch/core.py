@@ -106,6 +106,18 @@ class DeliveryCore:
         with self._lock:
             self._subscriptions.register(topic_name, subscription)
 
+    def watch_uids(self, topic_name: str, watcher: Callable[[int], None]) -> None:
+        """Tell ``watcher`` the IMAP UID of every message on ``topic_name`` as it is
+        dispatched, before the order may hold it (a durable subscription's position
+        must not pass a message still held)."""
+        with self._lock:
+            self._subscriptions.watch_uids(topic_name, watcher)
+
+    def unwatch_uids(self, topic_name: str, watcher: Callable[[int], None]) -> None:
+        """Stop telling ``watcher``."""
+        with self._lock:
+            self._subscriptions.unwatch_uids(topic_name, watcher)
+
     def unregister_subscription(self, topic_name: str, subscription: MessageSink) -> None:
         """Stop delivering to ``subscription``."""
         with self._lock:

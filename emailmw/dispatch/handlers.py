@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -192,12 +193,28 @@ class SubscriptionHandler(EmailHandler):
         self._order = order
         self._reorder_window = reorder_window
         self._subscriptions: dict[str, tuple[weakref.ref[MessageSink], ...]] = {}
+        # durable subscriptions: told the UID of every message on their topic as it is
+        # read, before the order may hold it (see emailmw.durable)
+        self._uid_watchers: dict[str, tuple[Callable[[int], None], ...]] = {}
 
     def register(self, topic_name: str, subscription: MessageSink) -> None:
         """Deliver messages on ``topic_name`` to ``subscription`` from now on."""
         self._prune_if_needed()
         subs = self._subscriptions.get(topic_name, ())
         self._subscriptions[topic_name] = (*subs, self._ref(subscription))
+
+    def watch_uids(self, topic_name: str, watcher: Callable[[int], None]) -> None:
+        """Call ``watcher(uid)`` for each message on ``topic_name`` read from IMAP
+        (before the order holds or releases it), until :meth:`unwatch_uids`."""
+        self._uid_watchers[topic_name] = (*self._uid_watchers.get(topic_name, ()), watcher)
+
+    def unwatch_uids(self, topic_name: str, watcher: Callable[[int], None]) -> None:
+        """Stop calling ``watcher``."""
+        left = tuple(w for w in self._uid_watchers.get(topic_name, ()) if w != watcher)
+        if left:
+            self._uid_watchers[topic_name] = left
+        else:
+            self._uid_watchers.pop(topic_name, None)
 
     def unregister(self, topic_name: str, subscription: MessageSink) -> None:
         """Stop delivering to ``subscription``."""
@@ -235,6 +252,9 @@ class SubscriptionHandler(EmailHandler):
         if self._dead_routes:
             self._prune_if_needed()
         wanted = bool(self._subscriptions.get(topic))
+        if email.uid and self._uid_watchers:
+            for watcher in self._uid_watchers.get(topic, ()):
+                watcher(email.uid)
         number_text = headers.get(HEADER_PUBLICATION_NUMBER)
         if number_text is None:  # not numbered (another implementation): as it comes
             if not wanted:
@@ -394,7 +414,9 @@ class SubscriptionHandler(EmailHandler):
         if message_type is not None:
             own += 1
         extra = headers if len(headers) > own else NO_HEADERS
-        info = MessageInfo(stamp, Timestamp(time.time_ns()), gid, extra)
+        info = MessageInfo(
+            stamp, Timestamp(time.time_ns()), gid, extra, email.message_id, email.uid
+        )
         return (email.content.body, message_type, info)
 
     def _deliver(self, topic: str, ready: list[Release]) -> None:

@@ -115,3 +115,5 @@ class EmailData:
     in_reply_to: str | None = None
     from_: str = ""
     recipients: EmailRecipients = field(default_factory=EmailRecipients)
+    #: the IMAP UID the email had in its folder (0: not read from IMAP)
+    uid: int = 0

@@ -165,7 +165,7 @@ from emailmw.transport.imap_resync import (
     summarize,
 )
 from emailmw.transport.imap_session import ConnectionLostError, Listed, Session, open_session
-from emailmw.transport.receiver import EmailReceiver, History
+from emailmw.transport.receiver import Backlog, EmailReceiver, History
 from emailmw.transport.settings import ImapSettings
 from emailmw.transport.tls import client_context
 
@@ -406,13 +406,46 @@ class ImapEmailReceiver(EmailReceiver):
                 self._session = self._open()
             session = self._session
             try:
-                return History(self._history(session, topic, count), self._in_flight)
+                return History(self._topic_emails(session, topic, 1, count), self._in_flight)
             except ConnectionLostError as exc:
                 self._lose(session, exc)
                 raise ImapError(
                     f"{self._server}: reading the history of {topic[:80]!r} failed: {exc}",
                     server=self._server,
                 ) from exc
+
+    def backlog(self, topic: str, uidvalidity: int | None, after_uid: int) -> Backlog:
+        """The messages on ``topic`` after UID ``after_uid`` and below the receiver's
+        position, oldest first: what a durable subscription missed while it was away.
+
+        ``uidvalidity`` is the folder's UIDVALIDITY when ``after_uid`` was recorded.
+        ``None`` (a new durable subscription): none, only the position. Another
+        value than the folder's now (the folder was recreated): every message on
+        the topic in the folder, with ``resync`` set. Runs on the receiver's
+        connection like :meth:`history`; raises :class:`ImapError` if the server
+        cannot answer.
+        """
+        with self._using(cut_in=True):
+            if self._closed:
+                raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
+            if self._session is None:
+                self._session = self._open()
+            session = self._session
+            now = self._uidvalidity
+            position = self._next_uid - 1
+            if uidvalidity is None:
+                return Backlog([], self._in_flight, now, position)
+            resync = uidvalidity != now
+            first = 1 if resync else after_uid + 1
+            try:
+                emails = self._topic_emails(session, topic, first, None)
+            except ConnectionLostError as exc:
+                self._lose(session, exc)
+                raise ImapError(
+                    f"{self._server}: reading the backlog of {topic[:80]!r} failed: {exc}",
+                    server=self._server,
+                ) from exc
+            return Backlog(emails, self._in_flight, now, position, resync)
 
     @contextlib.contextmanager
     def _using(self, cut_in: bool = False) -> Iterator[None]:
@@ -480,6 +513,7 @@ class ImapEmailReceiver(EmailReceiver):
             self._uidvalidity = session.uidvalidity
             if session.exists:
                 self._resync = Resync.after_change(session.uidnext, self._memory)
+                self._stats.add("resyncs")
                 self._next_uid = 1
                 session.new_mail = True
             else:
@@ -869,23 +903,31 @@ class ImapEmailReceiver(EmailReceiver):
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
         self._remember(raw)
+        email.uid = uid
         return email
 
     # -- history --------------------------------------------------------------------------
 
-    def _history(self, session: Session, topic: str, count: int) -> list[EmailData]:
+    def _topic_emails(
+        self, session: Session, topic: str, first: int, count: int | None
+    ) -> list[EmailData]:
+        """The last ``count`` (``None``: all) messages on ``topic`` with UIDs from
+        ``first`` to below the receiver's position, oldest first: searched by header,
+        checked on a header-only fetch, then only the wanted bodies fetched."""
         session.idle_done()
         below = self._next_uid
-        if below <= 1:
+        if below <= first:
             return []
         # A case-insensitive substring match: each candidate is checked on its headers.
         # NOT <topic>/: the topic's own sub-topics, the usual substring matches
-        criteria: list[str | bytes] = ["UID", f"1:{below - 1}", "HEADER", "Subject", topic]
+        criteria: list[str | bytes] = ["UID", f"{first}:{below - 1}", "HEADER", "Subject", topic]
         criteria += ["NOT", "HEADER", "Subject", f"{topic}/", "HEADER", "Publisher-GID", ""]
         ok, uids = session.search(criteria)
         if not ok:
             raise ConnectionLostError(f"UID SEARCH for the history of {topic[:80]!r} refused")
-        candidates = [uid for uid in reversed(uids) if uid < below]  # newest first
+        candidates = [uid for uid in reversed(uids) if first <= uid < below]  # newest first
+        if count is None:
+            count = len(candidates)
         limit = self._settings.max_message_size
         chosen: list[int] = []
         step = max(2 * count, _HISTORY_CHUNK)
@@ -916,6 +958,7 @@ class ImapEmailReceiver(EmailReceiver):
                 logger.warning("history: skipping malformed email UID %d: %s", uid, exc)
                 continue
             if email is not None and email.content.subject == topic:
+                email.uid = uid
                 emails.append(email)
         logger.debug(
             "history of %r: %d of %d candidate(s) below UID %d",

@@ -12,7 +12,7 @@ from emailmw.transport.data import EmailData
 #: Takes a batch of received emails, in order, and routes them.
 Dispatcher = Callable[[list[EmailData]], None]
 
-__all__ = ["Dispatcher", "EmailReceiver", "History"]
+__all__ = ["Backlog", "Dispatcher", "EmailReceiver", "History"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,22 @@ class History:
 
     emails: list[EmailData]
     in_flight: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What a durable subscription missed while away (see
+    :meth:`EmailReceiver.backlog`): the emails, oldest first; the Message-IDs of
+    the last batch :meth:`EmailReceiver.receive` returned (as in :class:`History`);
+    the folder's UIDVALIDITY now (``None``: the transport has no UIDs); the last
+    UID the receiver had read when it was taken; and whether the folder was
+    recreated since (every message of the topic in it is then in ``emails``)."""
+
+    emails: list[EmailData]
+    in_flight: frozenset[str] = frozenset()
+    uidvalidity: int | None = None
+    position: int = 0
+    resync: bool = False
 
 
 class EmailReceiver(abc.ABC):
@@ -78,6 +94,13 @@ class EmailReceiver(abc.ABC):
         no history returns none.
         """
         return History([])
+
+    def backlog(self, topic: str, uidvalidity: int | None, after_uid: int) -> Backlog:
+        """The messages on ``topic`` after UID ``after_uid`` (recorded under
+        ``uidvalidity``) that this receiver already read, oldest first: what a
+        durable subscription missed while it was away. A receiver without UIDs
+        (intraprocess) returns none."""
+        return Backlog([])
 
     def bind_dispatcher(self, dispatcher: Dispatcher) -> bool:
         """Offer to dispatch emails in the thread that delivers them.
