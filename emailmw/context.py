@@ -26,6 +26,7 @@ from emailmw.stats import Stats, StatsCounters
 from emailmw.transport import EmailReceiver, EmailSender, IntraEmailReceiver, IntraEmailSender
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 from emailmw.transport.signing import SigningSender
+from emailmw.validation import validate_rmw_email_name
 from emailmw.waitable import Waitable, Waiter
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def _create_transport(options: Options, stats: StatsCounters) -> tuple[EmailSend
     """The sender and receiver that ``options`` asks for (not yet connected)."""
     if options.intraprocess:
         receiver = IntraEmailReceiver()
-        return IntraEmailSender(receiver, stats=stats), receiver
+        return IntraEmailSender(receiver, stats=stats, wire_format=options.wire_format), receiver
     from emailmw.transport.imap import ImapEmailReceiver
     from emailmw.transport.smtp import SmtpEmailSender
 
@@ -315,6 +316,16 @@ class Context(AsyncContextMixin):
             self._check()
         assert sender is not None
         return sender.reply(content, original, headers)
+
+    def _check_wire_name(self, name: str, kind: str) -> None:
+        """Raise :class:`~emailmw.InvalidNameError` if ``name`` cannot be the Subject of
+        an email in the configured wire format (``rmw-email``: see
+        :func:`~emailmw.validation.rmw_email_name_problem`)."""
+        if self._options.wire_format == "emailmw":
+            return
+        sender = self._sender
+        utf8 = sender is None or sender.offers("smtputf8")
+        validate_rmw_email_name(name, kind, utf8=utf8)
 
     def _check(self) -> None:
         if self._state is not ContextState.RUNNING:
