@@ -348,6 +348,7 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
         body = self._request_serializer.dump(request, "request")
         context = self._context
         context._check()
+        context._check_wire_body(body, "request")  # a refused request uses no number
         sequence_number = next(self._sequence)
         with self._lock:
             self._next_sequence_number = max(self._next_sequence_number, sequence_number + 1)

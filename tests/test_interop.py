@@ -247,6 +247,8 @@ def test_intraprocess_services_follow_the_reference_rules(
     ctx, sent = intra
     server = emailmw.ServiceServer("/interop/add", context=ctx)
     client = emailmw.ServiceClient("/interop/add", context=ctx)
+    with pytest.raises(emailmw.InvalidMessageError, match=r"request cannot be sent.*CR"):
+        client.send_request("1\r\n+1")  # refused before it takes a sequence number
     first = client.send_request("1+1")
     second = client.send_request("2+2")
     assert (first, second) == (0, 1)  # sequence numbers start at 0, as the reference's
@@ -498,6 +500,7 @@ def test_a_reference_server_answers_emailmw_client_through_the_compat_server(
 def imaps_port_taken() -> Iterator[None]:
     """127.0.0.1:993 held (by this fixture, unless something else holds it already)."""
     holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past a TIME_WAIT
     try:
         holder.bind(("127.0.0.1", RMW_EMAIL_PORTS["imaps"]))
         holder.listen()
@@ -539,6 +542,7 @@ def test_the_reference_ports_are_used_when_free() -> None:
     require_mailstack()
     for port in RMW_EMAIL_PORTS.values():
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons do
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
