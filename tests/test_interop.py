@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from fake_smtp import FakeSmtp
 from imapclient import IMAPClient
 from mailstack import require_mailstack, stored_emails
 from rmw_email_parser import (
@@ -38,6 +39,8 @@ from emailmw.devserver.server import RMW_EMAIL_PORTS
 from emailmw.transport.codec import decode_email, encode_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.intra import IntraEmailReceiver
+from emailmw.transport.settings import ServerAddress, SmtpSettings
+from emailmw.transport.smtp import SmtpEmailSender
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -555,3 +558,61 @@ def test_the_reference_ports_are_used_when_free() -> None:
             imap.login(account.address, account.password)
         with smtplib.SMTP_SSL(server.host, 465, context=context, timeout=10) as smtp:
             smtp.login(account.address, account.password)
+
+
+# ----------------------------------------------------------------------------- SMTP extensions
+
+
+def fake_sender(server: FakeSmtp) -> SmtpEmailSender:
+    settings = SmtpSettings(
+        server=ServerAddress("smtp", "127.0.0.1", server.port, "starttls"),
+        from_address="alice@example.test",
+        recipients=EmailRecipients(to=["alice@example.test"]),
+        timeout=5.0,
+        send_timeout=5.0,
+        wire_format="rmw-email",
+    )
+    return SmtpEmailSender(settings)
+
+
+def mail_parameters(server: FakeSmtp) -> list[list[str]]:
+    """The parameters of each MAIL FROM the server heard, but SIZE (smtplib adds it)."""
+    return [
+        [p for p in command.split()[2:] if not p.lower().startswith("size=")]
+        for command in server.commands
+        if command.upper().startswith("MAIL ")
+    ]
+
+
+def test_smtp_without_8bitmime_refuses_an_8bit_body_before_sending() -> None:
+    """A server that offers neither 8BITMIME nor SMTPUTF8 (Postfix always offers
+    8BITMIME: a scripted one)."""
+    with FakeSmtp(extensions=("SIZE 100000",)) as server:
+        sender = fake_sender(server)
+        try:
+            headers = EmailHeaders({"Source-Timestamp": "1", "Publisher-GID": "7"})
+            with pytest.raises(emailmw.InvalidMessageError, match="8BITMIME"):
+                sender.send(EmailContent("/t", "café"), headers)
+            with pytest.raises(emailmw.InvalidNameError, match="SMTPUTF8"):
+                sender.send(EmailContent("/tøpic", "cafe"), headers)
+            assert not any(c.upper().startswith("MAIL ") for c in server.commands)
+            sender.send(EmailContent("/t", "cafe"), headers)  # 7-bit goes, with no parameter
+        finally:
+            sender.close()
+        assert mail_parameters(server) == [[]]
+        assert parse(server.messages[0]).body == "cafe\r\n"
+
+
+def test_smtp_declares_8bitmime_and_smtputf8_when_offered_and_needed() -> None:
+    with FakeSmtp(extensions=("SIZE 100000", "8BITMIME", "SMTPUTF8")) as server:
+        sender = fake_sender(server)
+        try:
+            headers = EmailHeaders({"Source-Timestamp": "1", "Publisher-GID": "7"})
+            sender.send(EmailContent("/t", "ascii"), headers)
+            sender.send(EmailContent("/t", "café"), headers)
+            sender.send(EmailContent("/tøpic", "café"), headers)
+        finally:
+            sender.close()
+        assert mail_parameters(server) == [[], ["BODY=8BITMIME"], ["BODY=8BITMIME", "SMTPUTF8"]]
+        assert [parse(m).body for m in server.messages] == ["ascii\r\n", "café\r\n", "café\r\n"]
+        assert parse(server.messages[2]).subject == "/tøpic"
