@@ -4,6 +4,7 @@ Subcommands:
 
 ``demo``          intraprocess pub/sub + service demo (no server needed)
 ``dev-server``    run a local Dovecot + Postfix and write ready config files
+                  (``--rmw-email-compat``: shared with rmw_email reference nodes)
 ``check-config``  load the config, log in to both servers, report capabilities
 ``send``          send a raw email (RFC 5322 bytes from a file or stdin) via SMTP
 ``receive``       print raw emails as they arrive in the mailbox

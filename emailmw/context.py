@@ -20,15 +20,17 @@ from emailmw.aio import AsyncContextMixin
 from emailmw.dispatch.core import DeliveryCore
 from emailmw.dispatch.polling import PollingManager
 from emailmw.durable import DurableCursor
-from emailmw.errors import ConfigError, ContextError
+from emailmw.errors import ConfigError, ContextError, InvalidMessageError
 from emailmw.options import Options
 from emailmw.security import AdmissionPolicy
 from emailmw.state_store import StateStore
 from emailmw.stats import Stats, StatsCounters
 from emailmw.transport import EmailReceiver, EmailSender, IntraEmailReceiver, IntraEmailSender
+from emailmw.transport.codec import rmw_email_body_problem
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders
 from emailmw.transport.receiver import Backlog, History
 from emailmw.transport.signing import SigningSender
+from emailmw.validation import validate_rmw_email_name
 from emailmw.waitable import Waitable, Waiter
 
 if TYPE_CHECKING:
@@ -55,7 +57,7 @@ def _create_transport(options: Options, stats: StatsCounters) -> tuple[EmailSend
     """The sender and receiver that ``options`` asks for (not yet connected)."""
     if options.intraprocess:
         receiver = IntraEmailReceiver(options.history_depth)
-        return IntraEmailSender(receiver, stats=stats), receiver
+        return IntraEmailSender(receiver, stats=stats, wire_format=options.wire_format), receiver
     from emailmw.transport.imap import ImapEmailReceiver
     from emailmw.transport.smtp import SmtpEmailSender
 
@@ -362,6 +364,32 @@ class Context(AsyncContextMixin):
             self._check()
         assert sender is not None
         return sender.reply(content, original, headers)
+
+    def _check_wire_name(self, name: str, kind: str) -> None:
+        """Raise :class:`~emailmw.InvalidNameError` if ``name`` cannot be the Subject of
+        an email in the configured wire format (``rmw-email``: see
+        :func:`~emailmw.validation.rmw_email_name_problem`)."""
+        if self._options.wire_format == "emailmw":
+            return
+        sender = self._sender
+        utf8 = sender is None or sender.offers("smtputf8")
+        validate_rmw_email_name(name, kind, utf8=utf8)
+
+    def _check_wire_body(self, body: str, what: str) -> None:
+        """Raise :class:`~emailmw.InvalidMessageError` if ``body`` cannot be sent in
+        the configured wire format (``rmw-email``: see
+        :func:`~emailmw.transport.codec.rmw_email_body_problem`); the codec checks
+        it again, this is for callers that must refuse before they count a send."""
+        if self._options.wire_format == "emailmw":
+            return
+        sender = self._sender
+        eight_bit = sender is None or sender.offers("8bitmime")
+        problem = rmw_email_body_problem(body, eight_bit=eight_bit)
+        if problem is not None:
+            raise InvalidMessageError(
+                f"{what} cannot be sent in the rmw-email wire format (no transfer "
+                f"encoding): {problem}"
+            )
 
     def _check(self) -> None:
         if self._state is not ContextState.RUNNING:

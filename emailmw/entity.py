@@ -47,6 +47,7 @@ class Entity:
         """Validate ``name`` and take the context (the global one if ``None``)."""
         self._name = validate_name(name, self._kind)
         self._context = resolve_context(context)
+        self._context._check_wire_name(self._name, self._kind)
         self._gid = Gid.new()
         self._closed = False
 

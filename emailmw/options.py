@@ -241,6 +241,7 @@ class Options(_Model):
     )
     allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
     retention: RetentionOptions = Field(default_factory=RetentionOptions)
+    wire_format: Literal["emailmw", "rmw-email"] = Field(default="emailmw", alias="wire-format")
 
     def __init__(self, /, **data: Any) -> None:
         """Validate the keyword arguments; a bad value raises :class:`ConfigError`
@@ -399,6 +400,7 @@ class Options(_Model):
             timeout=self.timeout,
             send_timeout=self.send_timeout,
             max_message_size=self.max_message_size,
+            wire_format=self.wire_format,
         )
 
     def imap_settings(self) -> ImapSettings:

@@ -4,6 +4,10 @@ A request is an email whose subject is the service name, carrying
 ``Client-GID`` and ``Request-Sequence-Number``. The response is a reply to it
 (``In-Reply-To`` the request's ``Message-ID``) carrying the same two headers,
 so it reaches only the client that asked, whatever order responses come in.
+
+Sequence numbers start at 1; with ``wire-format: rmw-email`` they start at 0
+and every request also carries ``Publisher-GID`` (the client's GID + 1,
+modulo 2**32), as the reference implementation's requests do.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from emailmw.errors import (
 )
 from emailmw.info import (
     HEADER_CLIENT_GID,
+    HEADER_PUBLISHER_GID,
     HEADER_SEQUENCE_NUMBER,
     HEADER_SOURCE_TIMESTAMP,
     Gid,
@@ -63,7 +68,11 @@ def _service_headers(
     sequence_number: int,
     serializer: Serializer[Any],
     additional_headers: Mapping[str, str] | None,
+    *,
+    publisher_gid: bool = False,
 ) -> EmailHeaders:
+    """The headers of a request or response; ``publisher_gid`` adds the reference
+    implementation's ``Publisher-GID`` (client GID + 1) to a request."""
     headers = EmailHeaders()
     if additional_headers:
         for name, value in validate_headers(additional_headers).items():
@@ -71,6 +80,8 @@ def _service_headers(
     headers[HEADER_SOURCE_TIMESTAMP] = str(time.time_ns())
     headers[HEADER_CLIENT_GID] = client_gid.to_string()
     headers[HEADER_SEQUENCE_NUMBER] = str(sequence_number)
+    if publisher_gid:
+        headers[HEADER_PUBLISHER_GID] = str((client_gid.value + 1) % 2**32)
     if serializer.header is not None:
         headers[HEADER_MESSAGE_TYPE] = serializer.header
     return headers
@@ -230,8 +241,11 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
         self._response_type = response_type
         self._setup(service_name, context)
         self._depth = check_depth(depth, self._context)
-        self._sequence = itertools.count(1)
-        self._next_sequence_number = 1
+        self._rmw_email = self._context.options.wire_format == "rmw-email"
+        #: The first sequence number: 0 as in the reference implementation, else 1.
+        self._first_sequence_number = 0 if self._rmw_email else 1
+        self._sequence = itertools.count(self._first_sequence_number)
+        self._next_sequence_number = self._first_sequence_number
         self._pending: OrderedDict[int, None] = OrderedDict()
         self._responses: dict[int, tuple[Resp, ServiceInfo]] = {}
         # call_future(): the futures by sequence number, and who resolves them.
@@ -334,6 +348,7 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
         body = self._request_serializer.dump(request, "request")
         context = self._context
         context._check()
+        context._check_wire_body(body, "request")  # a refused request uses no number
         sequence_number = next(self._sequence)
         with self._lock:
             self._next_sequence_number = max(self._next_sequence_number, sequence_number + 1)
@@ -347,7 +362,11 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
             context._send(
                 EmailContent(self._name, body, self._request_serializer.media_type),
                 _service_headers(
-                    self._gid, sequence_number, self._request_serializer, additional_headers
+                    self._gid,
+                    sequence_number,
+                    self._request_serializer,
+                    additional_headers,
+                    publisher_gid=self._rmw_email,
                 ),
             )
         except BaseException:
@@ -453,7 +472,7 @@ class ServiceClient(Entity, Waitable, AsyncClientMixin, Generic[Req, Resp]):
                 if self._forgotten.pop(sequence_number, 0) is None:
                     counters.drop(DropReason.UNMATCHED)
                     return False
-                issued = 0 < sequence_number < self._next_sequence_number
+                issued = self._first_sequence_number <= sequence_number < self._next_sequence_number
                 counters.drop(DropReason.DUPLICATE if issued else DropReason.UNMATCHED)
                 return False
             del self._pending[sequence_number]

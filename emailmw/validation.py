@@ -17,10 +17,12 @@ __all__ = [
     "RESERVED_HEADERS",
     "TRANSPORT_HEADERS",
     "is_transport_header",
+    "rmw_email_name_problem",
     "unencodable_character",
     "validate_headers",
     "validate_name",
     "validate_payload",
+    "validate_rmw_email_name",
 ]
 
 #: Longest accepted topic or service name, in characters.
@@ -128,6 +130,59 @@ def validate_name(name: object, kind: str = "topic") -> str:
                     f"{kind} name {name!r} contains a forbidden character "
                     f"U+{ord(char):04X} at index {index}"
                 )
+    return name
+
+
+#: Longest header line SMTP and RFC 5322 allow, in octets (without its CRLF).
+MAX_LINE_OCTETS = 998
+_SUBJECT_PREFIX = "Subject: "
+
+
+def rmw_email_name_problem(name: str, *, utf8: bool) -> str | None:
+    """Why ``name`` (valid by :func:`validate_name`) cannot be the ``Subject`` of an
+    email in the ``rmw-email`` wire format, or ``None`` if it can.
+
+    The reference implementation (rmw_email) reads ``Subject`` raw: it neither
+    decodes RFC 2047 encoded words nor unfolds lines. So the name goes out as it
+    is, on one line of at most 998 octets; it must not start or end with a space
+    (receivers strip them), nor hold ``=?`` (emailmw receivers would decode it as
+    an encoded word). Non-ASCII characters need raw UTF-8 headers, that is a
+    server that offers SMTPUTF8 (``utf8``).
+    """
+    for index, char in enumerate(name):
+        if unicodedata.category(char) in _BAD_CATEGORIES:
+            return f"U+{ord(char):04X} at index {index} is a forbidden character"
+    if name != name.strip(" "):
+        return "it starts or ends with a space, which receivers strip"
+    if "=?" in name:
+        return "it holds '=?', which emailmw receivers decode as an RFC 2047 encoded word"
+    if not name.isascii():
+        if not utf8:
+            index = next(i for i, char in enumerate(name) if not char.isascii())
+            return (
+                f"U+{ord(name[index]):04X} at index {index} is not ASCII, and the SMTP server "
+                "does not offer SMTPUTF8 (rmw_email reads the Subject raw, without RFC 2047 "
+                "decoding)"
+            )
+        size = len(_SUBJECT_PREFIX) + len(name.encode("utf-8"))
+    else:
+        size = len(_SUBJECT_PREFIX) + len(name)
+    if size > MAX_LINE_OCTETS:
+        return (
+            f"its Subject line would be {size} octets; one line holds at most "
+            f"{MAX_LINE_OCTETS} (rmw_email does not unfold headers)"
+        )
+    return None
+
+
+def validate_rmw_email_name(name: str, kind: str = "topic", *, utf8: bool) -> str:
+    """Return ``name`` if it can be sent in the ``rmw-email`` wire format, else raise
+    :class:`~emailmw.InvalidNameError` with the reason (see :func:`rmw_email_name_problem`)."""
+    problem = rmw_email_name_problem(name, utf8=utf8)
+    if problem is not None:
+        raise InvalidNameError(
+            f"{kind} name {name!r} cannot be sent in the rmw-email wire format: {problem}"
+        )
     return name
 
 

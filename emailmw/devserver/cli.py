@@ -27,6 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", help="state directory (default: temporary, removed at exit)")
     parser.add_argument("--config-dir", help="where to write <account>.yml (default: the root)")
     parser.add_argument("--tls", choices=("starttls", "implicit"), default="starttls")
+    parser.add_argument(
+        "--rmw-email-compat",
+        action="store_true",
+        help="share the server with rmw_email (C++ reference) nodes: Postfix header checks "
+        "they need, IMAPS on 127.0.0.1:993 and SMTPS on 127.0.0.1:465, and configs with "
+        "wire-format: rmw-email (see docs/interop.md)",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.accounts.split(",") if n.strip()]
     if not names:
@@ -38,7 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     server: DevServer | None = None
     try:
-        server = DevServer(args.root, accounts=names, domain=args.domain)
+        compat = args.rmw_email_compat
+        server = DevServer(
+            args.root,
+            accounts=names,
+            domain=args.domain,
+            rmw_email_compat=compat,
+            rmw_email_ports=compat,
+        )
         server.start()
         config_dir = pathlib.Path(args.config_dir) if args.config_dir else server.root
         paths = [
@@ -54,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             *(
                 f"  {a.address}  password {a.password}  config {p}"
                 for a, p in zip(server.accounts, paths, strict=True)
+            ),
+            *(
+                [
+                    "  rmw_email compat: Message-ID and Bcc fixed up for reference nodes; "
+                    "configs use wire-format: rmw-email",
+                    f"  reference nodes: url-imap {h}, url-smtp {h} (ports 993, 465); "
+                    f"trust the CA: see docs/interop.md (CA file {server.ca_file})",
+                ]
+                if compat
+                else []
             ),
             f"try:  EMAIL_CONFIG_FILE={paths[0]} python examples/sub.py",
             "Ctrl-C stops it.",

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -41,6 +42,7 @@ from emailmw.devserver.certs import make_certs
 from emailmw.devserver.configs import (
     MAIL_UID,
     QUEUE_DIRS,
+    RMW_EMAIL_HEADER_CHECKS,
     dovecot_config,
     postfix_main_cf,
     postfix_master_cf,
@@ -75,6 +77,8 @@ _REFUSAL_RE = re.compile(
     r"(?P<code>([45])\d\d) (?P<status>\2\.\d{1,3}\.\d{1,3}) (?P<text>[ -~]+)\Z"
 )
 _ADDRESS_RE = re.compile(r"[^\s@<>\"]+@[^\s@<>\"]+\Z")
+#: The ports the reference implementation (rmw_email) hard-codes.
+RMW_EMAIL_PORTS = {"imaps": 993, "smtps": 465}
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,24 @@ class DevAccount:
     address: str
     """``"alice@example.test"``; also the IMAP and SMTP username."""
     password: str
+
+
+def _check_rmw_email_ports() -> None:
+    """Raise :class:`PortInUseError` unless 127.0.0.1:993 and :465 can be bound."""
+    taken = []
+    for name, port in RMW_EMAIL_PORTS.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                taken.append(f"127.0.0.1:{port} ({name.upper()}): {exc.strerror or exc}")
+    if taken:
+        raise PortInUseError(
+            "rmw_email nodes need IMAPS on port 993 and SMTPS on port 465 (they hard-code "
+            f"them), but cannot listen on {'; '.join(taken)}; stop what listens there, "
+            "or run without the fixed ports"
+        )
 
 
 # ------------------------------------------------------------------------- at exit
@@ -124,6 +146,12 @@ class DevServer:
     ``root`` is created if needed and kept (with its certificates, reused by
     the next start). Ports are chosen by the first :meth:`start` and kept by
     restarts. Thread-safe. Requires root (see :func:`ensure_installed`).
+
+    ``rmw_email_compat=True`` adds the Postfix header checks that let reference
+    (rmw_email) nodes read the mail (see docs/interop.md) and turns SMTPUTF8
+    off; ``rmw_email_ports=True`` puts IMAPS on 127.0.0.1:993 and SMTPS on
+    127.0.0.1:465, the ports rmw_email hard-codes (:meth:`start` raises
+    :class:`PortInUseError` if either is taken).
     """
 
     host: str = "127.0.0.1"
@@ -133,11 +161,16 @@ class DevServer:
         root: str | os.PathLike[str] | None = None,
         accounts: Sequence[str] = ("alice", "bob"),
         domain: str = "example.test",
+        *,
+        rmw_email_compat: bool = False,
+        rmw_email_ports: bool = False,
     ) -> None:
         domain = domain.lower()
         if not _DOMAIN_RE.match(domain):
             raise ValueError(f"invalid mail domain {domain!r}")
         self._domain = domain
+        self._rmw_email_compat = rmw_email_compat
+        self._rmw_email_ports = rmw_email_ports
         self._lock = threading.RLock()
         self._accounts: dict[str, DevAccount] = {}
         self._refusals: dict[str, str] = {}  # address -> scripted RCPT TO reply
@@ -414,9 +447,13 @@ class DevServer:
                 _live.add(self)
             self._stop_daemons()  # left over from an earlier run on this root, if any
             fresh_ports = not self._ports
+            if self._rmw_email_ports:
+                _check_rmw_email_ports()
             for attempt in range(3):
                 if fresh_ports:
                     self._ports = dict(zip(_PORT_NAMES, free_ports(4), strict=True))
+                    if self._rmw_email_ports:
+                        self._ports.update(RMW_EMAIL_PORTS)
                 self._prepare()
                 try:
                     self.start_dovecot(timeout)
@@ -615,7 +652,18 @@ class DevServer:
             imaps_port=self.imaps_port,
         )
         write_atomic(self._dovecot_conf, dovecot_conf)
-        main_cf = postfix_main_cf(self._root, instance=self._instance, domain=self._domain)
+        main_cf = postfix_main_cf(
+            self._root,
+            instance=self._instance,
+            domain=self._domain,
+            rmw_email_compat=self._rmw_email_compat,
+        )
+        if self._rmw_email_compat:
+            write_atomic(
+                self._postfix_dir / "rmw_email_header_checks",
+                RMW_EMAIL_HEADER_CHECKS,
+                backdate=True,
+            )
         write_atomic(self._postfix_dir / "main.cf", main_cf, backdate=True)
         master_cf = postfix_master_cf(smtp_port=self.smtp_port, smtps_port=self.smtps_port)
         write_atomic(self._postfix_dir / "master.cf", master_cf, backdate=True)
@@ -715,6 +763,7 @@ class DevServer:
         ``mailbox`` other than ``INBOX`` (a folder of :meth:`new_mailbox`),
         ``from`` and the default ``to`` are that folder's address, so that what
         the context sends, and the replies to it (service responses), land in it.
+        On a server with ``rmw_email_compat``, the config has ``wire-format: rmw-email``.
         """
         acct = self._resolve(account)
         own = acct.address if mailbox == "INBOX" else f"{acct.name}+{mailbox}@{self._domain}"
@@ -728,6 +777,8 @@ class DevServer:
         else:
             raise ValueError(f"tls must be 'starttls' or 'implicit', not {tls!r}")
         user = {"url-smtp": smtp, "url-imap": imap, "username": acct.address}
+        if self._rmw_email_compat:
+            extra["wire-format"] = "rmw-email"
         return {
             "email": {
                 "user": {**user, "password": acct.password},

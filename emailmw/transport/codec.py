@@ -43,6 +43,20 @@ Body: the transfer-encoding rule
     base64 in any charset Python knows, and ``multipart/*`` messages (the first
     ``text/plain`` part that is not an attachment).
 
+The ``rmw-email`` wire format
+    ``encode_email(..., wire_format="rmw-email")`` writes what the reference
+    implementation (rmw_email) parses: ``From``, ``To``, ``Cc``, ``Bcc``,
+    ``In-Reply-To``, ``Message-ID`` and ``Subject`` always, spelled so, each on
+    one line (empty where there is no value; ``Bcc`` is always empty, Bcc
+    recipients travel in the SMTP envelope only); the subject raw (non-ASCII only
+    with ``utf8_headers``, else :class:`~emailmw.InvalidNameError`); the body
+    without transfer encoding (``7bit``, or ``8bit`` with ``eight_bit``), each
+    LF sent as CRLF and one CRLF added at the end, as SMTP ends every message.
+    A body that cannot travel so raises :class:`~emailmw.InvalidMessageError`
+    naming the reason (a CR, a NUL, a line over 998 octets, non-ASCII text
+    without ``eight_bit``). Other header values go on one line too. The
+    decoder reads these emails like any other 7bit/8bit text: exactly.
+
 Decoding contract
     :func:`decode_email` never raises anything but :class:`MalformedEmailError`:
     an email without any emailmw metadata header is not ours and gives ``None``
@@ -63,6 +77,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import format_datetime, formataddr, parseaddr
+from typing import Literal
 
 from emailmw.errors import InvalidMessageError
 from emailmw.info import (
@@ -79,12 +94,20 @@ from emailmw.info import (
     parse_sequence_number,
 )
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
-from emailmw.validation import TRANSPORT_HEADERS, is_transport_header, unencodable_character
+from emailmw.validation import (
+    MAX_LINE_OCTETS,
+    TRANSPORT_HEADERS,
+    is_transport_header,
+    unencodable_character,
+    validate_rmw_email_name,
+)
 
 __all__ = [
     "MAX_ERROR_LENGTH",
     "TRANSPORT_HEADERS",
+    "WIRE_FORMATS",
     "MalformedEmailError",
+    "WireFormat",
     "decode_email",
     "decode_value",
     "encode_email",
@@ -93,7 +116,13 @@ __all__ = [
     "new_message_id",
     "parse_address",
     "parse_fields",
+    "rmw_email_body_problem",
 ]
+
+#: The wire formats :func:`encode_email` writes: emailmw's own, and the one the
+#: reference implementation (rmw_email) can parse.
+WireFormat = Literal["emailmw", "rmw-email"]
+WIRE_FORMATS: tuple[WireFormat, ...] = ("emailmw", "rmw-email")
 
 
 class MalformedEmailError(ValueError):
@@ -254,6 +283,15 @@ def _unstructured_field(name: str, value: str) -> str:
 
 def _address_field(name: str, addresses: list[str]) -> str:
     """An address header; a non-ASCII display name goes out as an encoded word."""
+    encoded = _encoded_addresses(name, addresses)
+    line = f"{name}: " + ", ".join(encoded)
+    if len(line) <= _LINE_LIMIT:
+        return line + "\r\n"
+    return f"{name}: " + ",\r\n ".join(encoded) + "\r\n"
+
+
+def _encoded_addresses(name: str, addresses: list[str]) -> list[str]:
+    """Each address of header ``name`` as it goes out (ASCII; encoded-word display names)."""
     encoded: list[str] = []
     for address in addresses:
         if _BAD_ADDRESS_CHARS.search(address) or not address.strip():
@@ -266,10 +304,7 @@ def _address_field(name: str, addresses: list[str]) -> str:
             encoded.append(formataddr((display, addr_spec), charset="utf-8"))
         else:
             encoded.append(address)
-    line = f"{name}: " + ", ".join(encoded)
-    if len(line) <= _LINE_LIMIT:
-        return line + "\r\n"
-    return f"{name}: " + ",\r\n ".join(encoded) + "\r\n"
+    return encoded
 
 
 def _check_msg_id(value: str, what: str) -> str:
@@ -300,8 +335,20 @@ def _encode_body(body: str) -> tuple[str, bytes]:
     return "base64", b"\r\n".join(lines) + b"\r\n"
 
 
-def encode_email(email: EmailData) -> bytes:
+def encode_email(
+    email: EmailData,
+    *,
+    wire_format: WireFormat = "emailmw",
+    eight_bit: bool = True,
+    utf8_headers: bool = True,
+) -> bytes:
     """The RFC 5322/MIME bytes (CRLF line endings, 7-bit ASCII) of ``email``.
+
+    With ``wire_format="rmw-email"``, the bytes the reference implementation
+    parses (see the module docstring); ``eight_bit`` (the server offers
+    8BITMIME) allows a non-ASCII body, ``utf8_headers`` (it offers SMTPUTF8) a
+    non-ASCII subject. Both are ignored in the default ``emailmw`` format,
+    which is always 7-bit.
 
     Uses ``from_``, ``recipients.to``/``cc`` (never ``bcc``: Bcc travels in the
     SMTP envelope only), ``message_id`` (required, with angle brackets),
@@ -315,6 +362,10 @@ def encode_email(email: EmailData) -> bytes:
     (:data:`TRANSPORT_HEADERS`); a missing or malformed From address or
     Message-ID.
     """
+    if wire_format == "rmw-email":
+        return _encode_rmw_email(email, eight_bit=eight_bit, utf8_headers=utf8_headers)
+    if wire_format != "emailmw":
+        raise ValueError(f"unknown wire format {wire_format!r} (want one of {WIRE_FORMATS})")
     if not email.from_:
         raise ValueError("the email has no From address")
     fields = [_address_field("From", [email.from_])]
@@ -343,6 +394,101 @@ def encode_email(email: EmailData) -> bytes:
             raise ValueError(f"value of header {name!r} contains CR, LF or NUL")
         fields.append(_unstructured_field(name, value))
     return "".join(fields).encode("ascii") + b"\r\n" + payload
+
+
+def rmw_email_body_problem(body: str, *, eight_bit: bool) -> str | None:
+    """Why ``body`` cannot be sent raw (no transfer encoding) so that it arrives
+    exactly, or ``None`` if it can.
+
+    SMTP turns every line break into CRLF and allows neither NUL nor lines over
+    998 octets; 8-bit text needs a server that offers 8BITMIME (``eight_bit``).
+    """
+    reason = unencodable_character(body)
+    if reason is not None:
+        return reason
+    index = body.find("\r")
+    if index >= 0:
+        return (
+            f"it holds a CR (U+000D) at index {index}: SMTP makes every line break CRLF, "
+            "so a CR cannot arrive as it was sent"
+        )
+    index = body.find("\0")
+    if index >= 0:
+        return f"it holds a NUL (U+0000) at index {index}, which SMTP does not carry"
+    if not eight_bit and not body.isascii():
+        index = next(i for i, char in enumerate(body) if not char.isascii())
+        return (
+            f"U+{ord(body[index]):04X} at index {index} is not ASCII, and the SMTP server "
+            "does not offer 8BITMIME"
+        )
+    if 4 * len(body) > MAX_LINE_OCTETS:  # a line can be that long only then (UTF-8)
+        for number, line in enumerate(body.split("\n"), start=1):
+            size = len(line.encode("utf-8"))
+            if size > MAX_LINE_OCTETS:
+                return f"line {number} is {size} octets long; SMTP allows {MAX_LINE_OCTETS}"
+    return None
+
+
+def _one_line_field(name: str, value: str) -> str:
+    """A header field on one line (rmw-email): the value as it is when it is plain
+    printable ASCII, else as encoded words on that one line."""
+    if value and not (_PLAIN_VALUE.fullmatch(value) and "=?" not in value):
+        _utf8(value, f"value of header {name}")
+        value = " ".join(_encoded_words(value, _WORD_MAX_BYTES))
+    return _checked_line(f"{name}: {value}")
+
+
+def _checked_line(line: str) -> str:
+    size = len(line.encode("utf-8"))
+    if size > MAX_LINE_OCTETS:
+        name = line.partition(":")[0]
+        raise ValueError(
+            f"header {name} would be a line of {size} octets; the rmw-email wire format "
+            f"writes each header on one line of at most {MAX_LINE_OCTETS}"
+        )
+    return line + "\r\n"
+
+
+def _encode_rmw_email(email: EmailData, *, eight_bit: bool, utf8_headers: bool) -> bytes:
+    """``email`` in the rmw-email wire format (see the module docstring)."""
+    if not email.from_:
+        raise ValueError("the email has no From address")
+    subject = validate_rmw_email_name(email.content.subject, "subject", utf8=utf8_headers)
+    body = email.content.body
+    problem = rmw_email_body_problem(body, eight_bit=eight_bit)
+    if problem is not None:
+        raise InvalidMessageError(
+            f"message body cannot be sent in the rmw-email wire format (no transfer "
+            f"encoding): {problem}"
+        )
+    in_reply_to = "" if not email.in_reply_to else _check_msg_id(email.in_reply_to, "in_reply_to")
+    fields = [
+        _checked_line("From: " + ", ".join(_encoded_addresses("From", [email.from_]))),
+        _checked_line("To: " + ", ".join(_encoded_addresses("To", email.recipients.to))),
+        _checked_line("Cc: " + ", ".join(_encoded_addresses("Cc", email.recipients.cc))),
+        "Bcc: \r\n",  # Bcc recipients travel in the SMTP envelope only
+        _checked_line(f"Subject: {subject}"),
+        f"Message-ID: {_check_msg_id(email.message_id, 'message_id')}\r\n",
+        f"In-Reply-To: {in_reply_to}\r\n",
+    ]
+    if in_reply_to:
+        fields.append(f"References: {in_reply_to}\r\n")
+    fields.append(
+        f"Date: {format_datetime(datetime.now(UTC))}\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: {_media_type(email.content.media_type)}; charset="utf-8"\r\n'
+        f"Content-Transfer-Encoding: {'7bit' if body.isascii() else '8bit'}\r\n"
+    )
+    for name, value in email.headers.items():
+        if not _FIELD_NAME.fullmatch(name) or len(name) > 900:
+            raise ValueError(f"invalid header name {name!r}")
+        if is_transport_header(name):
+            raise ValueError(f"header {name!r} is set by the transport and cannot be given")
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"value of header {name!r} contains CR, LF or NUL")
+        fields.append(_one_line_field(name, value))
+    payload = body.replace("\n", "\r\n") + "\r\n"
+    return ("".join(fields) + "\r\n" + payload).encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -569,7 +715,8 @@ def _decode_payload(payload: bytes, encoding: str, charset: str | None) -> str:
     if encoding == "base64":
         return _charset_decode(binascii.a2b_base64(payload), charset)
     payload = payload.replace(b"\r\n", b"\n")
-    if payload.endswith(b"\n") and not payload.endswith(b"=\n"):
+    soft_break = encoding == "quoted-printable" and payload.endswith(b"=\n")
+    if payload.endswith(b"\n") and not soft_break:
         payload = payload[:-1]  # the line break that ends the last line is not content
     if encoding == "quoted-printable":
         return _charset_decode(binascii.a2b_qp(payload), charset)

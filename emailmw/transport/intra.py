@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from emailmw.info import HEADER_PUBLISHER_GID
+from emailmw.transport.codec import WireFormat, encode_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 from emailmw.transport.receiver import Dispatcher, EmailReceiver, History
 from emailmw.transport.sender import EmailSender
@@ -173,7 +174,11 @@ def _drain(queue: deque[EmailData]) -> list[EmailData]:
 class IntraEmailSender(EmailSender):
     """Sends emails to an :class:`IntraEmailReceiver` in the same process.
 
-    Takes ownership of the ``headers`` it is given.
+    Takes ownership of the ``headers`` it is given. With ``wire_format``
+    ``"rmw-email"`` each email is also encoded in that format before it is
+    handed over (and not handed over if that raises), so that what the SMTP
+    sender would refuse is refused here too; the in-memory transport carries
+    8-bit bodies and UTF-8 subjects.
     """
 
     def __init__(
@@ -181,10 +186,12 @@ class IntraEmailSender(EmailSender):
         receiver: IntraEmailReceiver,
         address: str = INTRAPROCESS_ADDRESS,
         stats: StatsCounters | None = None,
+        wire_format: WireFormat = "emailmw",
     ) -> None:
         self._receiver = receiver
         self._address = address
         self._stats = stats
+        self._wire_format = wire_format
 
     def new_message_id(self) -> str:
         """A new Message-ID from the receiver (see :meth:`IntraEmailReceiver.new_message_id`)."""
@@ -227,6 +234,10 @@ class IntraEmailSender(EmailSender):
         return self._hand_over(email)
 
     def _hand_over(self, email: EmailData) -> str:
+        if self._wire_format != "emailmw":
+            if not email.message_id:
+                email.message_id = self._receiver.new_message_id()
+            encode_email(email, wire_format=self._wire_format)  # raises what SMTP would
         if self._stats is not None:
             self._stats.add("sent")  # before delivering: it may be dispatched right away
         return self._receiver.deliver(email)

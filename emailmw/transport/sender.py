@@ -50,5 +50,13 @@ class EmailSender(abc.ABC):
     ) -> str:
         """Send a reply to ``original`` (to its sender, ``In-Reply-To`` its Message-ID)."""
 
+    def offers(self, extension: str) -> bool:
+        """Whether what this sender sends through carries the SMTP ``extension``
+        (``"8bitmime"``, ``"smtputf8"``, lower-case).
+
+        The default, for in-memory transports, is True: they carry any email.
+        """
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Idempotent."""

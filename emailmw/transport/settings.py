@@ -98,6 +98,7 @@ class SmtpSettings:
     ``from_address``: the ``From`` of new emails (None: the username if it is an
     address). ``recipients``: To, Cc and Bcc of new emails. ``timeout``: each
     network step (s); ``send_timeout``: how long a send is retried (s).
+    ``wire_format``: how emails are written (see :func:`~emailmw.transport.codec.encode_email`).
     """
 
     server: ServerAddress
@@ -109,6 +110,7 @@ class SmtpSettings:
     timeout: float = 10.0
     send_timeout: float = 30.0
     max_message_size: int = 25 * 1024 * 1024
+    wire_format: Literal["emailmw", "rmw-email"] = "emailmw"
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,6 +124,10 @@ class SigningSender(EmailSender):
         """A new Message-ID from the wrapped sender."""
         return self._inner.new_message_id()
 
+    def offers(self, extension: str) -> bool:
+        """What the wrapped sender offers."""
+        return self._inner.offers(extension)
+
     def send(
         self,
         content: EmailContent,

@@ -26,6 +26,11 @@ One persistent :mod:`smtplib` connection, opened by :meth:`~SmtpEmailSender.conn
   to retry.
 * A connection idle for more than 30 s is checked with NOOP before use (servers
   close idle clients); otherwise sending is tried directly.
+* Wire format: ``settings.wire_format``. In ``rmw-email`` a non-ASCII body is
+  sent with ``BODY=8BITMIME`` and a non-ASCII subject with ``SMTPUTF8``, and
+  only when the server offers them (what it offered at the last EHLO; the
+  first send connects to learn it); otherwise the codec raises before anything
+  is sent. The default ``emailmw`` format is 7-bit and uses neither.
 * Signing is not done here: the context wraps the sender in a
   :class:`~emailmw.transport.signing.SigningSender`, which passes the
   Message-ID it signed down as ``message_id``.
@@ -140,6 +145,7 @@ class SmtpEmailSender(EmailSender):
         self._last_used = 0.0
         self._tls_mode = "none"
         self._authenticated = False
+        self._extensions: frozenset[str] | None = None  # offered at the last EHLO
 
     # ------------------------------------------------------------------ public API
 
@@ -164,6 +170,25 @@ class SmtpEmailSender(EmailSender):
         """A new Message-ID in the domain of the From address."""
         return new_message_id(self._domain)
 
+    def offers(self, extension: str) -> bool:
+        """Whether the server offered the SMTP ``extension`` (lower-case) at the last
+        EHLO; connects first if this sender never did (raising as :meth:`connect`)."""
+        if self._extensions is None:
+            self.connect()
+        extensions = self._extensions
+        return extensions is not None and extension.lower() in extensions
+
+    def _encode(self, email: EmailData) -> bytes:
+        """``email`` in the configured wire format."""
+        if self._settings.wire_format == "emailmw":
+            return encode_email(email)
+        return encode_email(
+            email,
+            wire_format=self._settings.wire_format,
+            eight_bit=self.offers("8bitmime"),
+            utf8_headers=self.offers("smtputf8"),
+        )
+
     def send(
         self,
         content: EmailContent,
@@ -183,7 +208,8 @@ class SmtpEmailSender(EmailSender):
             from_=self._from,
             recipients=EmailRecipients(to=list(self._recipients.to), cc=list(self._recipients.cc)),
         )
-        return self._deliver(encode_email(email), self._envelope, email.message_id)
+        data = self._encode(email)
+        return self._deliver(data, self._envelope, email.message_id, _mail_options(data))
 
     def reply(
         self,
@@ -205,7 +231,8 @@ class SmtpEmailSender(EmailSender):
             from_=self._from,
             recipients=EmailRecipients(to=[to]),
         )
-        return self._deliver(encode_email(email), [to], email.message_id)
+        data = self._encode(email)
+        return self._deliver(data, [to], email.message_id, _mail_options(data))
 
     def send_raw(self, raw: bytes, recipients: list[str] | None = None) -> str:
         """Send an already encoded RFC 5322 email as it is (for ``emailmw send-raw``).
@@ -293,8 +320,15 @@ class SmtpEmailSender(EmailSender):
         self._count("send_failures")
         return SmtpError(message, server=self._server)
 
-    def _deliver(self, data: bytes, envelope: list[str], message_id: str) -> str:
-        """Hand ``data`` to the server (with retries, see the module docstring)."""
+    def _deliver(
+        self,
+        data: bytes,
+        envelope: list[str],
+        message_id: str,
+        options: tuple[str, ...] = (),
+    ) -> str:
+        """Hand ``data`` to the server with MAIL FROM parameters ``options`` (with
+        retries, see the module docstring)."""
         limit = self._settings.max_message_size
         if len(data) > limit:
             raise self._fail(
@@ -309,14 +343,23 @@ class SmtpEmailSender(EmailSender):
                 "waiting for the connection"
             )
         try:
-            self._send_with_retries(data, envelope, message_id, start, deadline)
+            self._send_with_retries(
+                data, envelope, message_id, options, start=start, deadline=deadline
+            )
         finally:
             self._lock.release()
         self._count("sent")
         return message_id
 
     def _send_with_retries(
-        self, data: bytes, envelope: list[str], message_id: str, start: float, deadline: float
+        self,
+        data: bytes,
+        envelope: list[str],
+        message_id: str,
+        options: tuple[str, ...],
+        *,
+        start: float,
+        deadline: float,
     ) -> None:
         delay = _BACKOFF_START
         attempts = 0
@@ -339,7 +382,7 @@ class SmtpEmailSender(EmailSender):
             try:
                 conn = self._usable_connection(deadline)
                 try:
-                    rejected = conn.sendmail(self._envelope_from, pending, data)
+                    rejected = conn.sendmail(self._envelope_from, pending, data, options)
                 except smtplib.SMTPRecipientsRefused as exc:
                     # Nobody got the email: every recipient was refused, or a 421 ended the
                     # session (smtplib stops there; the rest share that reply).
@@ -529,6 +572,7 @@ class SmtpEmailSender(EmailSender):
             self._count("reconnects")
         self._ever_connected = True
         self._conn = conn
+        self._extensions = frozenset(conn.esmtp_features)
         self._tls_mode = tls_mode
         self._last_used = time.monotonic()
         logger.debug(
@@ -656,6 +700,17 @@ def _abort(conn: smtplib.SMTP | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _mail_options(data: bytes) -> tuple[str, ...]:
+    """MAIL FROM parameters for ``data``: none for 7-bit mail (every email of the
+    ``emailmw`` wire format); ``BODY=8BITMIME`` for an 8-bit body, plus
+    ``SMTPUTF8`` for 8-bit headers (the ``rmw-email`` format, whose encoder
+    checked that the server offers them)."""
+    if data.isascii():
+        return ()
+    header_block = data.split(b"\r\n\r\n", 1)[0]
+    return ("BODY=8BITMIME", "SMTPUTF8") if not header_block.isascii() else ("BODY=8BITMIME",)
 
 
 def _set_timeout(conn: smtplib.SMTP, seconds: float) -> None:
