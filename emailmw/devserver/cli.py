@@ -27,6 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", help="state directory (default: temporary, removed at exit)")
     parser.add_argument("--config-dir", help="where to write <account>.yml (default: the root)")
     parser.add_argument("--tls", choices=("starttls", "implicit"), default="starttls")
+    parser.add_argument(
+        "--auth",
+        choices=("password", "oauth2"),
+        default="password",
+        help="oauth2: also XOAUTH2/OAUTHBEARER; the configs use a token command",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.accounts.split(",") if n.strip()]
     if not names:
@@ -38,11 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     server: DevServer | None = None
     try:
-        server = DevServer(args.root, accounts=names, domain=args.domain)
+        server = DevServer(args.root, accounts=names, domain=args.domain, auth=args.auth)
         server.start()
         config_dir = pathlib.Path(args.config_dir) if args.config_dir else server.root
         paths = [
-            server.write_config(a, config_dir / f"{a.name}.yml", tls=args.tls)
+            server.write_config(
+                a,
+                config_dir / f"{a.name}.yml",
+                tls=args.tls,
+                auth="xoauth2" if args.auth == "oauth2" else "password",
+            )
             for a in server.accounts
         ]
         h = server.host
