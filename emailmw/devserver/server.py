@@ -734,9 +734,10 @@ class DevServer:
     def revoke_token(self, token: str) -> None:
         """Revoke ``token``: new logins with it fail (sessions open stay open).
 
-        Deletes its key, then restarts Dovecot's auth process (``doveadm service
-        stop auth``: it caches the keys it has read; the master starts a new one
-        at the next login)."""
+        Deletes its key, then reloads Dovecot (``doveadm reload``: a new auth
+        process, since the old one caches the keys it has read) and Postfix (its
+        ``smtpd`` processes keep their connection to the old auth process), and
+        returns once a new SMTP session refuses the token (about a second)."""
         with self._lock:
             self._issuer().revoke(token)
             if self._dovecot is not None and self._dovecot.alive():
