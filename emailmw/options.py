@@ -8,6 +8,7 @@ The file format is the reference design's, plus documented additions::
         url-imap: imaps://imap.example.com   # or imap://, or a bare host (implicit TLS, 993)
         username: me@example.com
         password: my-password              # or password-file, or $EMAILMW_PASSWORD
+        auth: password                      # or xoauth2 / oauthbearer with token-command
       recipients:
         to: me@example.com                  # a string or a list; cc and bcc likewise
       polling-period: 100000000             # nanoseconds
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +44,7 @@ from pydantic import (
 from emailmw.errors import ConfigError
 from emailmw.state_store import default_state_dir
 from emailmw.transport.data import EmailRecipients
+from emailmw.transport.oauth import AuthMethod, TokenSource, command_argv, command_provider
 from emailmw.transport.settings import (
     ImapSettings,
     ServerAddress,
@@ -127,6 +130,15 @@ class UserOptions(_Model):
     url_imap: str = Field(alias="url-imap")
     username: str = ""
     password: SecretStr | None = None
+    auth: AuthMethod = "password"
+    token_command: str | list[str] | None = Field(default=None, alias="token-command")
+
+    @field_validator("token_command")
+    @classmethod
+    def _check_token_command(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None:
+            command_argv(value)
+        return value
 
     @field_validator("url_smtp")
     @classmethod
@@ -242,6 +254,9 @@ class Options(_Model):
     allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
     retention: RetentionOptions = Field(default_factory=RetentionOptions)
     wire_format: Literal["emailmw", "rmw-email"] = Field(default="emailmw", alias="wire-format")
+    token_provider: Callable[[], str] | None = Field(
+        default=None, alias="token-provider", exclude=True, repr=False
+    )
 
     def __init__(self, /, **data: Any) -> None:
         """Validate the keyword arguments; a bad value raises :class:`ConfigError`
@@ -302,6 +317,38 @@ class Options(_Model):
     def _check_user(self) -> Options:
         if not self.intraprocess and self.user is None:
             raise ValueError("user: field required unless intraprocess is true")
+        return self
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Options:
+        user = self.user
+        auth = "password" if user is None else user.auth
+        command = None if user is None else user.token_command
+        if auth == "password":
+            if command is not None:
+                raise ValueError(
+                    "user.token-command: only used with user.auth: xoauth2 or oauthbearer "
+                    "(user.auth is password)"
+                )
+            if self.token_provider is not None:
+                raise ValueError(
+                    "token_provider: only used with user.auth: xoauth2 or oauthbearer "
+                    "(user.auth is password)"
+                )
+            return self
+        assert user is not None
+        if command is None and self.token_provider is None:
+            raise ValueError(
+                f"user.auth: {auth} needs user.token-command (a command that prints an "
+                "access token) or Options(token_provider=...)"
+            )
+        if command is not None and self.token_provider is not None:
+            raise ValueError(
+                "user.token-command: give either user.token-command or token_provider, not both"
+            )
+        if user.password is not None or self.password_file is not None:
+            key = "user.password" if user.password is not None else "password-file"
+            raise ValueError(f"{key}: not used with user.auth: {auth} (remove it)")
         return self
 
     # -- secrets -----------------------------------------------------------------
@@ -381,6 +428,16 @@ class Options(_Model):
             )
         return value
 
+    def token_source(self) -> TokenSource | None:
+        """Where OAuth2 access tokens come from (``token_provider``, else
+        ``user.token-command``); None with ``user.auth: password``."""
+        if self.user is None or self.user.auth == "password":
+            return None
+        if self.token_provider is not None:
+            return TokenSource(self.token_provider, "token_provider")
+        assert self.user.token_command is not None  # checked by _check_auth
+        return TokenSource(command_provider(self.user.token_command), "user.token-command")
+
     # -- what each transport gets ------------------------------------------------------
 
     def smtp_settings(self) -> SmtpSettings:
@@ -390,6 +447,8 @@ class Options(_Model):
             server=user.smtp,
             username=user.username,
             password=self.resolve_password,
+            auth=user.auth,
+            token=self.token_source(),
             from_address=self.from_address,
             recipients=EmailRecipients(
                 to=list(self.recipients.to),
@@ -410,6 +469,8 @@ class Options(_Model):
             server=user.imap,
             username=user.username,
             password=self.resolve_password,
+            auth=user.auth,
+            token=self.token_source(),
             mailbox=self.mailbox,
             receive_mode=self.receive_mode,
             polling_period=self.polling_period / 1e9,
@@ -558,6 +619,8 @@ def _key_from_file_content(data: bytes) -> bytes:
 
 #: Where the values being validated come from, for error messages.
 _KEYWORDS = "Options(...)"
+#: "user.token-command: message": a model check's message that starts with its key
+_NAMED_PROBLEM = re.compile(r"(?P<key>[a-z][a-z_.-]*): (?P<message>.+)\Z", re.DOTALL)
 _SOURCE: ContextVar[str] = ContextVar("emailmw_options_source", default=_KEYWORDS)
 
 
@@ -574,6 +637,11 @@ def _config_error(exc: ValidationError, source: str) -> ConfigError:
             message = "unknown key"
         elif message.startswith("Value error, "):
             message = message[len("Value error, ") :]
+        if not err["loc"]:  # a check of several keys names the one at fault first
+            named = _NAMED_PROBLEM.match(message)
+            if named is not None:
+                key, message = f"email.{named['key']}", named["message"]
+                first_key = key if first_key == "email" else first_key
         if "user: field required" in message:
             key, message = "email.user", "field required unless intraprocess is true"
             first_key = key if first_key == "email" else first_key

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "emailmw.transport.mailbox": 1,
     "emailmw.transport.imap_cadence": 1,
     "emailmw.transport.imap_resync": 1,
+    "emailmw.transport.oauth": 1,  # OAuth2 access tokens and their SASL exchanges
     # 2 dispatch
     "emailmw.dispatch": 2,
     "emailmw.dispatch.handlers": 2,
@@ -82,6 +83,7 @@ LAYERS: dict[str, int] = {
     "emailmw.devserver.configs": 6,
     "emailmw.devserver.errors": 6,
     "emailmw.devserver.install": 6,
+    "emailmw.devserver.oauth2": 6,
     "emailmw.devserver.processes": 6,
     "emailmw.devserver.server": 6,
 }

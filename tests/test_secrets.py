@@ -1,4 +1,5 @@
-"""Secrets (the password and the signing key) never show: not in logs at any level,
+"""Secrets (the password, the signing key and OAuth2 access tokens) never show: not in
+logs at any level,
 not in ``repr``/``str``, not in exception messages or tracebacks, not on stdout or
 stderr.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -521,3 +523,95 @@ def test_a_non_utf8_password_file_fails_init_cleanly_against_the_servers(
         assert str(password_file) in str(error)
     texts += [*exception_texts(imap_info.value, frames=True), *record_texts(debug_logs.records)]
     assert scan(texts, _binary_forms()) == []
+
+
+# ----------------------------------------------------------------------------- OAuth2 tokens
+
+
+@pytest.fixture(scope="module")
+def oauth_server() -> Iterator[DevServer]:
+    """A dev server that takes OAuth2 tokens (XOAUTH2, OAUTHBEARER)."""
+    from mailstack import require_mailstack
+
+    require_mailstack()
+    with DevServer(accounts=("alice",), auth="oauth2") as server:
+        yield server
+
+
+def token_forms(token: str) -> dict[str, str]:
+    """A token's encodings, and its signature alone (the rest of a JWT is no secret)."""
+    return {**encodings(token), "signature": token.rsplit(".", 1)[-1]}
+
+
+@pytest.mark.mailstack
+@pytest.mark.parametrize("auth", ["xoauth2", "oauthbearer"])
+def test_oauth_rounds_and_failures_show_no_token(
+    oauth_server: DevServer,
+    debug_logs: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    auth: str,
+) -> None:
+    """A round with tokens from a provider (the first one stale: rejected, logged,
+    replaced), then a revoked token, a forged one, and a token command that prints
+    a token and fails: no token shows in logs, reprs, errors or their frames."""
+    stale = oauth_server.mint_token("alice", -60)
+    good = [oauth_server.mint_token("alice", 600) for _ in range(3)]
+    revoked = oauth_server.mint_token("alice", 600)
+    forged = oauth_server.mint_token("alice", 600, valid=False)
+    printed = oauth_server.mint_token("alice", 600)
+    handed_out = [stale, *good]
+
+    def provider() -> str:
+        return handed_out.pop(0) if len(handed_out) > 1 else handed_out[0]
+
+    folder, address = oauth_server.new_mailbox("alice")
+    config = oauth_server.config("alice", mailbox=folder, to=address, auth=auth)
+    section = config["email"]
+    del section["user"]["token-command"]
+    options = Options(**section, token_provider=provider)
+    texts: list[tuple[str, str]] = []
+    with Context(options) as ctx:
+        full_round(ctx, f"/secret/{folder}", f"/secret-svc/{folder}")
+        texts += object_texts(
+            options=options,
+            user=options.user,
+            smtp_settings=options.smtp_settings(),
+            imap_settings=options.imap_settings(),
+            token_source=options.token_source(),
+            context=ctx,
+            sender=ctx._sender,
+            receiver=ctx._receiver,
+        )
+    assert any("getting a new one" in r.getMessage() for r in debug_logs.records)
+    oauth_server.revoke_token(revoked)
+    from emailmw.transport.imap import ImapEmailReceiver
+
+    for bad in (revoked, forged):
+        bad_options = Options(**section, token_provider=lambda bad=bad: bad)
+        with pytest.raises(AuthenticationError) as info:
+            Context(bad_options).init()
+        texts += exception_texts(info.value, frames=True)
+        receiver = ImapEmailReceiver(bad_options.imap_settings())
+        try:
+            with pytest.raises(AuthenticationError) as imap_info:
+                receiver.connect()
+        finally:
+            receiver.close()
+        texts += exception_texts(imap_info.value, frames=True)
+    script = tmp_path / "prints_then_fails.py"
+    script.write_text(f"import sys\nprint({printed!r})\nsys.exit(4)\n")
+    failing = dict(
+        section, user={**section["user"], "token-command": [sys.executable, str(script)]}
+    )
+    with pytest.raises(AuthenticationError, match="exit status 4") as info:
+        Context(Options(**failing)).init()
+    texts += exception_texts(info.value, frames=True)
+    out, err = capfd.readouterr()
+    texts += [*record_texts(debug_logs.records), ("stdout", out), ("stderr", err)]
+    assert any(r.name.startswith("imapclient") for r in debug_logs.records)
+    secrets = {
+        f"token {i}": token_forms(token)
+        for i, token in enumerate([stale, *good, revoked, forged, printed])
+    }
+    assert scan(texts, secrets) == []

@@ -7,7 +7,10 @@
 * Postfix: SMTP (STARTTLS offered, AUTH through Dovecot) and SMTPS (implicit
   TLS) on free loopback ports, delivering to Dovecot over LMTP;
 * a test CA and a server certificate for ``localhost`` and ``127.0.0.1``
-  (:attr:`DevServer.ca_file` is what clients should trust).
+  (:attr:`DevServer.ca_file` is what clients should trust);
+* with ``DevServer(auth="oauth2")``, OAuth2 logins too (``XOAUTH2``,
+  ``OAUTHBEARER``): Dovecot validates JWTs the dev server mints
+  (:meth:`DevServer.mint_token`, :meth:`DevServer.revoke_token`).
 
 Mail for ``alice+orders@example.test`` lands in alice's folder ``orders``
 (:meth:`DevServer.new_mailbox` makes such a folder per test).
@@ -30,6 +33,7 @@ An ``atexit`` hook stops every server a program leaves running.
 Modules: :mod:`~emailmw.devserver.server` (:class:`DevServer`),
 :mod:`~emailmw.devserver.configs` (the daemons' config files),
 :mod:`~emailmw.devserver.certs` (the test CA and server certificate),
+:mod:`~emailmw.devserver.oauth2` (OAuth2 tokens and Dovecot's local validation),
 :mod:`~emailmw.devserver.processes` (processes, ports and files),
 :mod:`~emailmw.devserver.install` (:func:`ensure_installed`),
 :mod:`~emailmw.devserver.errors`, :mod:`~emailmw.devserver.cli` (:func:`main`).

@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "they need, IMAPS on 127.0.0.1:993 and SMTPS on 127.0.0.1:465, and configs with "
         "wire-format: rmw-email (see docs/interop.md)",
     )
+    parser.add_argument(
+        "--auth",
+        choices=("password", "oauth2"),
+        default="password",
+        help="oauth2: also XOAUTH2/OAUTHBEARER; the configs use a token command",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.accounts.split(",") if n.strip()]
     if not names:
@@ -52,11 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             domain=args.domain,
             rmw_email_compat=compat,
             rmw_email_ports=compat,
+            auth=args.auth,
         )
         server.start()
         config_dir = pathlib.Path(args.config_dir) if args.config_dir else server.root
         paths = [
-            server.write_config(a, config_dir / f"{a.name}.yml", tls=args.tls)
+            server.write_config(
+                a,
+                config_dir / f"{a.name}.yml",
+                tls=args.tls,
+                auth="xoauth2" if args.auth == "oauth2" else "password",
+            )
             for a in server.accounts
         ]
         h = server.host

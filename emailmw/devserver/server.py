@@ -18,8 +18,10 @@ start's certificates), stop 0.04 s, ``restart_dovecot`` 0.09 s,
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import imaplib
+import json
 import logging
 import os
 import pathlib
@@ -30,6 +32,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +52,7 @@ from emailmw.devserver.configs import (
 )
 from emailmw.devserver.errors import DevServerError, PortInUseError
 from emailmw.devserver.install import DOVEADM, DOVECOT, POSTFIX, ensure_installed
+from emailmw.devserver.oauth2 import TokenIssuer
 from emailmw.devserver.processes import (
     Proc,
     await_ready,
@@ -152,6 +156,11 @@ class DevServer:
     off; ``rmw_email_ports=True`` puts IMAPS on 127.0.0.1:993 and SMTPS on
     127.0.0.1:465, the ports rmw_email hard-codes (:meth:`start` raises
     :class:`PortInUseError` if either is taken).
+    ``auth="oauth2"``: IMAP and SMTP also offer ``XOAUTH2`` and ``OAUTHBEARER``,
+    checked by Dovecot's ``oauth2`` passdb against JWTs it validates locally
+    (:mod:`emailmw.devserver.oauth2`); :meth:`mint_token` makes them,
+    :meth:`revoke_token` revokes one, :meth:`token_command` is a command that
+    prints one. Passwords keep working (PLAIN, LOGIN).
     """
 
     host: str = "127.0.0.1"
@@ -161,10 +170,14 @@ class DevServer:
         root: str | os.PathLike[str] | None = None,
         accounts: Sequence[str] = ("alice", "bob"),
         domain: str = "example.test",
+        auth: str = "password",
         *,
         rmw_email_compat: bool = False,
         rmw_email_ports: bool = False,
     ) -> None:
+        if auth not in ("password", "oauth2"):
+            raise ValueError(f"auth must be 'password' or 'oauth2', not {auth!r}")
+        self._auth = auth
         domain = domain.lower()
         if not _DOMAIN_RE.match(domain):
             raise ValueError(f"invalid mail domain {domain!r}")
@@ -201,6 +214,11 @@ class DevServer:
     def root(self) -> pathlib.Path:
         """The directory holding every config, queue, mailbox, socket and log."""
         return self._root
+
+    @property
+    def auth(self) -> str:
+        """``password``, or ``oauth2`` (XOAUTH2 and OAUTHBEARER offered too)."""
+        return self._auth
 
     @property
     def domain(self) -> str:
@@ -644,12 +662,18 @@ class DevServer:
             os.chown(path, uid, gid)
             path.chmod(mode)
         make_certs(self._path("tls"), ca_name=f"emailmw dev CA {self._instance}")
+        oauth2_args = None
+        if self._auth == "oauth2":
+            issuer = TokenIssuer(self._root)
+            issuer.prepare()
+            oauth2_args = issuer.settings_file
         dovecot_conf = dovecot_config(
             self._root,
             instance=self._instance,
             domain=self._domain,
             imap_port=self.imap_port,
             imaps_port=self.imaps_port,
+            oauth2_args=oauth2_args,
         )
         write_atomic(self._dovecot_conf, dovecot_conf)
         main_cf = postfix_main_cf(
@@ -738,6 +762,74 @@ class DevServer:
             with contextlib.suppress(OSError, imaplib.IMAP4.error):
                 imap.logout()
 
+    # -------------------------------------------------------------- OAuth2 tokens
+
+    def _issuer(self) -> TokenIssuer:
+        if self._auth != "oauth2":
+            raise DevServerError('tokens need DevServer(auth="oauth2")')
+        self._require_prepared()
+        return TokenIssuer(self._root)
+
+    def mint_token(
+        self, account: DevAccount | str, lifetime: float = 3600.0, *, valid: bool = True
+    ) -> str:
+        """A new OAuth2 access token (a JWT) for ``account``, accepted for
+        ``lifetime`` seconds (negative: expired already). ``valid=False``: a
+        forgery the server rejects (signed with the wrong key)."""
+        return self._issuer().mint(self._resolve(account).address, lifetime, valid=valid)
+
+    def revoke_token(self, token: str) -> None:
+        """Revoke ``token``: new logins with it fail (sessions open stay open).
+
+        Deletes its key, then reloads Dovecot (``doveadm reload``: a new auth
+        process, since the old one caches the keys it has read) and Postfix (its
+        ``smtpd`` processes keep their connection to the old auth process), and
+        returns once a new SMTP session refuses the token (about a second)."""
+        with self._lock:
+            self._issuer().revoke(token)
+            if self._dovecot is not None and self._dovecot.alive():
+                self._doveadm("reload")
+            if self._postfix is not None and self._postfix.alive():
+                # its smtpd processes keep their connection to the old auth process
+                self._postfix_control("reload")
+                if not wait_until(lambda: not self._smtp_token_accepted(token), 10.0):
+                    raise DevServerError(
+                        "SMTP still accepts a revoked token 10 s after the reloads",
+                        self.log_tail(),
+                    )
+
+    def _smtp_token_accepted(self, token: str) -> bool:
+        """Whether a new SMTP session accepts ``token`` (AUTH XOAUTH2, any account)."""
+        claims = token.split(".")[1] if token.count(".") == 2 else ""
+        address = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["email"]
+        initial = f"user={address}\x01auth=Bearer {token}\x01\x01"
+        try:
+            with smtplib.SMTP(self.host, self.smtp_port, timeout=5) as smtp:
+                smtp.ehlo("probe.localhost")
+                smtp.auth("XOAUTH2", lambda challenge=None: "" if challenge else initial)
+                return True
+        except smtplib.SMTPAuthenticationError:
+            return False
+        except (OSError, smtplib.SMTPException):
+            return True  # no answer yet: not known to be refused
+
+    def token_command(self, account: DevAccount | str, lifetime: float = 3600.0) -> list[str]:
+        """A ``user.token-command`` that prints a new token for ``account`` each run."""
+        self._issuer()  # an oauth2 server, started
+        address = self._resolve(account).address
+        module = "emailmw.devserver.oauth2"
+        root = str(self._root)
+        return [
+            sys.executable,
+            "-m",
+            module,
+            "--root",
+            root,
+            "--lifetime",
+            f"{lifetime:g}",
+            address,
+        ]
+
     def log_tail(self, n: int = 50) -> str:
         """The last ``n`` lines of the Dovecot log and of the Postfix log."""
         return "\n".join(
@@ -755,6 +847,7 @@ class DevServer:
         tls: str = "starttls",
         receive_mode: str = "auto",
         polling_period_ns: int = 10_000_000,
+        auth: str = "password",
     ) -> dict[str, Any]:
         """The content of an emailmw config file (``email.yml``) for ``account``.
 
@@ -764,6 +857,8 @@ class DevServer:
         ``from`` and the default ``to`` are that folder's address, so that what
         the context sends, and the replies to it (service responses), land in it.
         On a server with ``rmw_email_compat``, the config has ``wire-format: rmw-email``.
+        ``auth="xoauth2"`` or ``"oauthbearer"`` (an ``oauth2`` server): no password
+        but that ``user.auth`` and :meth:`token_command` as ``user.token-command``.
         """
         acct = self._resolve(account)
         own = acct.address if mailbox == "INBOX" else f"{acct.name}+{mailbox}@{self._domain}"
@@ -776,12 +871,18 @@ class DevServer:
             imap = f"imaps://{self.host}:{self.imaps_port}"
         else:
             raise ValueError(f"tls must be 'starttls' or 'implicit', not {tls!r}")
-        user = {"url-smtp": smtp, "url-imap": imap, "username": acct.address}
+        user: dict[str, Any] = {"url-smtp": smtp, "url-imap": imap, "username": acct.address}
+        if auth == "password":
+            user["password"] = acct.password
+        elif auth in ("xoauth2", "oauthbearer"):
+            user.update({"auth": auth, "token-command": self.token_command(acct)})
+        else:
+            raise ValueError(f"auth must be 'password', 'xoauth2' or 'oauthbearer', not {auth!r}")
         if self._rmw_email_compat:
             extra["wire-format"] = "rmw-email"
         return {
             "email": {
-                "user": {**user, "password": acct.password},
+                "user": user,
                 **extra,
                 "recipients": {"to": to or own},
                 "polling-period": polling_period_ns,

@@ -3,7 +3,9 @@
 :func:`open_session` connects (``imaps://``, or ``imap://`` with STARTTLS
 whenever the server offers it; plain text only to a loopback host or with
 ``tls.allow-insecure``), logs in (``LOGIN``, or ``AUTHENTICATE PLAIN`` for
-non-ASCII credentials) and ``EXAMINE``\\s the mailbox (read-only: nothing is
+non-ASCII credentials; ``AUTHENTICATE XOAUTH2`` or ``OAUTHBEARER`` with an
+access token from the token source, asked again once when the server rejects
+it) and ``EXAMINE``\\s the mailbox (read-only: nothing is
 ever marked read, flagged or deleted). What goes wrong on the way is translated
 into the :class:`~emailmw.errors.TransportError` subclasses (TLS, connect,
 authentication, IMAP).
@@ -51,6 +53,7 @@ from imapclient.response_parser import parse_fetch_response
 
 from emailmw.errors import AuthenticationError, ConnectError, ImapError, TlsError, TransportError
 from emailmw.stats import DropReason
+from emailmw.transport.oauth import SaslExchange, expiry_hint, sasl_mechanism
 from emailmw.transport.tls import is_loopback
 
 if TYPE_CHECKING:
@@ -391,6 +394,58 @@ def _count_reads(imap: Any, count_bytes: Callable[[int], None]) -> None:
     imap.read, imap.readline = counted_read, counted_readline
 
 
+def _oauth_login(client: Any, settings: ImapSettings, offered: set[str], server: str) -> None:
+    """AUTHENTICATE XOAUTH2 or OAUTHBEARER with a token from the token source;
+    when the server rejects it, once more with a new token (the first may have
+    expired). Raises :class:`AuthenticationError` (never quoting a token)."""
+    source = settings.token
+    mechanism = sasl_mechanism(settings.auth)
+    if source is None:
+        raise AuthenticationError(
+            f"{server}: user.auth is {settings.auth} but no token source is set", server=server
+        )
+    if f"AUTH={mechanism}" not in offered:
+        mechanisms = sorted(c[5:] for c in offered if c.startswith("AUTH="))
+        raise AuthenticationError(
+            f"{server}: the server does not offer AUTHENTICATE {mechanism} (it offers: "
+            f"{' '.join(mechanisms) or 'no SASL mechanism'}); check user.auth",
+            server=server,
+        )
+    refusal = ""
+    for attempt in (1, 2):
+        token = source.token()  # asked again for the second attempt: a new token
+        hint = expiry_hint(token)
+        exchange = SaslExchange(mechanism, settings.username, token)
+        del token
+        try:
+            client.sasl_login(mechanism, exchange)
+        except LoginError as exc:
+            refusal = f"{_login_reason(exc)}{exchange.describe()}"
+        else:
+            return
+        finally:
+            del exchange  # holds the token
+        if attempt == 1:
+            logger.info(
+                "%s rejected the access token from %s (%s)%s; getting a new one",
+                server,
+                source.origin,
+                refusal,
+                hint,
+            )
+    raise AuthenticationError(
+        f"{server}: the server rejected the OAuth2 access token (AUTHENTICATE {mechanism}) "
+        f"for {settings.username!r}, and a new one from {source.origin} too{hint}: the token "
+        f"is revoked, expired or invalid, or not for this account ({refusal})",
+        server=server,
+    )
+
+
+def _login_reason(exc: BaseException) -> str:
+    reason = str(exc)
+    return reason[len("login failed: ") :] if reason.startswith("login failed: ") else reason
+
+
 def open_session(
     settings: ImapSettings,
     context: ssl.SSLContext,
@@ -404,7 +459,8 @@ def open_session(
     address = settings.server
     server = str(address)
     username = settings.username
-    password = settings.password()
+    oauth = settings.auth != "password"
+    password = "" if oauth else settings.password()
     if password is None:
         raise AuthenticationError(
             f"{server}: no password configured (user.password, password-file or $EMAILMW_PASSWORD)",
@@ -430,14 +486,17 @@ def open_session(
             elif settings.tls.allow_insecure or is_loopback(address.host):
                 logger.warning("%s offers no STARTTLS: logging in over plain text", server)
             else:
+                secret = "access token" if oauth else "password"
                 raise TlsError(
-                    f"{server}: the server offers no STARTTLS; refusing to send the password "
+                    f"{server}: the server offers no STARTTLS; refusing to send the {secret} "
                     "in plain text (use imaps://, or set tls.allow-insecure)",
                     server=server,
                 )
         stage = "logging in"
         preauth = {c.upper() for c in client._imap.capabilities}
-        if username.isascii() and password.isascii() and "LOGINDISABLED" not in preauth:
+        if oauth:
+            _oauth_login(client, settings, preauth, server)
+        elif username.isascii() and password.isascii() and "LOGINDISABLED" not in preauth:
             client.login(username, password)
         elif "AUTH=PLAIN" in preauth:
             client.plain_login(username, password)

@@ -5,6 +5,8 @@ the environment); the transports see only these: :class:`SmtpSettings` for the
 SMTP sender, :class:`ImapSettings` for the IMAP receiver. Secrets are not
 stored here but read through a callable (``password``) each time a login
 needs them, so a rotated password file is picked up on the next reconnect.
+With ``auth`` ``xoauth2`` or ``oauthbearer`` a login takes an OAuth2 access
+token from ``token`` (a :class:`~emailmw.transport.oauth.TokenSource`) instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from emailmw.transport.data import EmailRecipients
+from emailmw.transport.oauth import AuthMethod, TokenSource
 
 __all__ = ["ImapSettings", "ServerAddress", "SmtpSettings", "TlsSettings", "parse_server_url"]
 
@@ -99,11 +102,15 @@ class SmtpSettings:
     address). ``recipients``: To, Cc and Bcc of new emails. ``timeout``: each
     network step (s); ``send_timeout``: how long a send is retried (s).
     ``wire_format``: how emails are written (see :func:`~emailmw.transport.codec.encode_email`).
+    ``auth``: ``password`` (AUTH PLAIN/LOGIN with ``password``), or ``xoauth2`` /
+    ``oauthbearer`` with access tokens from ``token``.
     """
 
     server: ServerAddress
     username: str = ""
     password: Callable[[], str | None] = field(default=_no_password, repr=False)
+    auth: AuthMethod = "password"
+    token: TokenSource | None = field(default=None, repr=False)
     from_address: str | None = None
     recipients: EmailRecipients = field(default_factory=EmailRecipients)
     tls: TlsSettings = field(default_factory=TlsSettings)
@@ -118,12 +125,16 @@ class ImapSettings:
     """What :class:`~emailmw.transport.imap.ImapEmailReceiver` needs.
 
     ``receive_mode``: ``auto``, ``idle`` or ``poll``; ``polling_period`` in
-    seconds; ``timeout``: each network step (s).
+    seconds; ``timeout``: each network step (s). ``auth``: ``password`` (LOGIN
+    with ``password``), or ``xoauth2`` / ``oauthbearer`` with access tokens
+    from ``token``.
     """
 
     server: ServerAddress
     username: str = ""
     password: Callable[[], str | None] = field(default=_no_password, repr=False)
+    auth: AuthMethod = "password"
+    token: TokenSource | None = field(default=None, repr=False)
     mailbox: str = "INBOX"
     receive_mode: Literal["auto", "idle", "poll"] = "auto"
     polling_period: float = 0.1

@@ -9,6 +9,10 @@ One persistent :mod:`smtplib` connection, opened by :meth:`~SmtpEmailSender.conn
 * AUTH only when a username and a password are configured, with one mechanism
   (PLAIN, else LOGIN, else whatever :mod:`smtplib` picks), and never in plain
   text to a host that is not loopback unless ``tls.allow-insecure`` is set.
+  With ``user.auth`` ``xoauth2`` or ``oauthbearer``: AUTH with that mechanism
+  and an access token asked from the token source on every connect; when the
+  server rejects it, a new token is asked for and tried once more before
+  :class:`~emailmw.AuthenticationError` is raised.
 * Failures while sending: when the connection drops (server gone, reset,
   timeout, 421, any other 4xx), reconnect and re-send the very same bytes (same
   ``Message-ID``, so receivers can drop duplicates) with exponential backoff
@@ -63,6 +67,7 @@ from emailmw.errors import (
 from emailmw.stats import StatsCounters
 from emailmw.transport.codec import encode_email, new_message_id, parse_address
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
+from emailmw.transport.oauth import SaslExchange, expiry_hint, sasl_mechanism
 from emailmw.transport.sender import EmailSender
 from emailmw.transport.settings import SmtpSettings
 from emailmw.transport.tls import client_context
@@ -583,6 +588,9 @@ class SmtpEmailSender(EmailSender):
     def _authenticate(
         self, conn: smtplib.SMTP, encrypted: bool, remaining: Callable[[], float]
     ) -> None:
+        if self._settings.auth != "password":
+            self._authenticate_oauth(conn, encrypted, remaining)
+            return
         username = self._settings.username
         password = self._settings.password()
         self._authenticated = False
@@ -629,6 +637,66 @@ class SmtpEmailSender(EmailSender):
                 server=self._server,
             )
         self._authenticated = True
+
+    def _authenticate_oauth(
+        self, conn: smtplib.SMTP, encrypted: bool, remaining: Callable[[], float]
+    ) -> None:
+        """AUTH XOAUTH2 or OAUTHBEARER with a token from the token source; when the
+        server rejects it, once more with a new token (the first may have expired)."""
+        self._authenticated = False
+        source = self._settings.token
+        mechanism = sasl_mechanism(self._settings.auth)
+        if source is None:
+            raise AuthenticationError(
+                f"{self._label}: user.auth is {self._settings.auth} but no token source is set",
+                server=self._server,
+            )
+        if not encrypted and not _is_loopback(self._address.host):
+            if not self._settings.tls.allow_insecure:
+                raise TlsError(
+                    f"refusing to send the access token in plain text to {self._label}: the "
+                    "server does not offer STARTTLS (use smtps://, or set tls.allow-insecure: "
+                    "true)",
+                    server=self._server,
+                )
+            logger.warning("sending the SMTP access token unencrypted to %s", self._label)
+        offered = conn.esmtp_features.get("auth", "").upper().split()
+        if mechanism not in offered:
+            raise AuthenticationError(
+                f"{self._label} does not offer AUTH {mechanism} (it offers: "
+                f"{' '.join(offered) or 'no AUTH at all'}); check user.auth",
+                server=self._server,
+            )
+        refusal = ""
+        for attempt in (1, 2):
+            token = source.token()  # run again for the second attempt: a new token
+            hint = expiry_hint(token)
+            exchange = SaslExchange(mechanism, self._settings.username, token)
+            del token
+            _set_timeout(conn, remaining())
+            try:
+                conn.auth(mechanism, exchange)
+            except smtplib.SMTPAuthenticationError as exc:
+                refusal = f"{exc.smtp_code} {_reply_text(exc.smtp_error)}{exchange.describe()}"
+            else:
+                self._authenticated = True
+                return
+            finally:
+                del exchange  # holds the token
+            if attempt == 1:
+                logger.info(
+                    "%s rejected the access token from %s (%s)%s; getting a new one",
+                    self._label,
+                    source.origin,
+                    refusal,
+                    hint,
+                )
+        raise AuthenticationError(
+            f"{self._label} rejected the OAuth2 access token (AUTH {mechanism}) for "
+            f"{self._settings.username!r}, and a new one from {source.origin} too{hint}: "
+            f"the token is revoked, expired or invalid, or not for this account ({refusal})",
+            server=self._server,
+        )
 
     def _ehlo_name(self, sock: socket.socket | None) -> str:
         """A fully qualified host name, else the local address as an address literal."""
