@@ -53,6 +53,7 @@ from emailmw.info import (
     ServiceRequestId,
     Timestamp,
 )
+from emailmw.metrics import ConnectionState, Metrics
 from emailmw.options import Options
 from emailmw.pubsub import Publisher, Subscription
 from emailmw.service import ServiceClient, ServiceServer
@@ -74,6 +75,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "ConnectionState",
     "Context",
     "ContextError",
     "ContextState",
@@ -89,6 +91,7 @@ __all__ = [
     "InvalidNameError",
     "MessageInfo",
     "MessageTypeError",
+    "Metrics",
     "Options",
     "Publisher",
     "RecipientsRefusedError",

@@ -235,6 +235,11 @@ class Options(_Model):
     )
     allowed_senders: list[str] = Field(default_factory=list, alias="allowed-senders")
     retention: RetentionOptions = Field(default_factory=RetentionOptions)
+    #: serve the metrics over HTTP on this port (needs ``emailmw[metrics]``; 0: any free port)
+    metrics_port: int | None = Field(
+        default=None, alias="metrics-port", ge=0, le=65535, strict=True
+    )
+    metrics_address: str = Field(default="127.0.0.1", alias="metrics-address", min_length=1)
 
     def __init__(self, /, **data: Any) -> None:
         """Validate the keyword arguments; a bad value raises :class:`ConfigError`
