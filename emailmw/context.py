@@ -223,7 +223,7 @@ class Context(AsyncContextMixin):
         if server is not None:
             server.close()
         if self._options.intraprocess and self._ran:
-            self._stats.connections.set("intraprocess", ConnectionState.CLOSED)
+            self._stats.connections.close("intraprocess")
         for closeable in (self._sender, self._receiver):
             if closeable is not None:
                 try:

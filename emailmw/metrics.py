@@ -78,6 +78,17 @@ class ConnectionTracker:
                 self._states[connection] = state
                 self._changes += 1
 
+    def close(self, connection: str) -> None:
+        """Record that ``connection`` was closed on purpose: ``closed``, unless the server
+        refused the credentials (``auth_failed`` stays, to say why it is not connected)."""
+        with self._lock:
+            if self._states.get(connection) not in (
+                ConnectionState.CLOSED,
+                ConnectionState.AUTH_FAILED,
+            ):
+                self._states[connection] = ConnectionState.CLOSED
+                self._changes += 1
+
     def states(self) -> dict[str, ConnectionState]:
         """A copy of every connection's state."""
         with self._lock:

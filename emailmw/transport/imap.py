@@ -849,5 +849,5 @@ class ImapEmailReceiver(EmailReceiver):
         if session is not None:
             session.close(polite=True)
         self._mode = "closed"
-        self._connection(ConnectionState.CLOSED)
+        self._stats.connections.close("imap")
         self._pipe.close()

@@ -268,7 +268,8 @@ class SmtpEmailSender(EmailSender):
                 return  # the sending thread sees _closing and drops the connection
         try:
             conn, self._conn = self._conn, None
-            self._connection(ConnectionState.CLOSED)
+            if self._stats is not None:
+                self._stats.connections.close("smtp")
             if conn is None:
                 return
             try:
