@@ -55,6 +55,7 @@ from emailmw.info import (
     ServiceRequestId,
     Timestamp,
 )
+from emailmw.metrics import ConnectionState, Metrics
 from emailmw.options import Options
 from emailmw.pubsub import Publisher, Subscription
 from emailmw.service import ServiceClient, ServiceServer
@@ -76,6 +77,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "ConnectionState",
     "Context",
     "ContextError",
     "ContextState",
@@ -92,6 +94,7 @@ __all__ = [
     "InvalidNameError",
     "MessageInfo",
     "MessageTypeError",
+    "Metrics",
     "Options",
     "Publisher",
     "RecipientsRefusedError",

@@ -6,6 +6,7 @@ Subcommands:
 ``dev-server``    run a local Dovecot + Postfix and write ready config files
                   (``--rmw-email-compat``: shared with rmw_email reference nodes)
 ``check-config``  load the config, log in to both servers, report capabilities
+``ping``          round trips (a request and its reply) through the mailbox
 ``send``          send a raw email (RFC 5322 bytes from a file or stdin) via SMTP
 ``receive``       print raw emails as they arrive in the mailbox
 ``publish``       publish a message on a topic
@@ -16,6 +17,9 @@ Subcommands:
 ``prune``         delete old emailmw emails from the folder (the ``retention``)
 ``topics``        list the topics in the folder (count, publishers, last message)
 ``history``       print the last messages of a topic in the folder
+
+``prune`` and ``history`` report their progress on stderr: a bar on a
+terminal, plain lines otherwise.
 
 ``echo``, ``hz`` and ``receive`` run until stopped; SIGTERM stops them as
 Ctrl-C does (the context shuts down cleanly). ``hz`` then exits 0, the others
@@ -65,6 +69,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="check the config and both servers")
     _add_config(check)
+
+    ping = sub.add_parser(
+        "ping",
+        help="round trips through the mailbox: a request and its reply",
+        description="Send requests through the configured account and time each reply, "
+        "like ping. Exit status 1 when no reply came back.",
+    )
+    _add_config(ping)
+    ping.add_argument(
+        "--count",
+        "-n",
+        type=_count,
+        default=4,
+        help="requests to send (default 4; 0: until Ctrl-C)",
+    )
+    ping.add_argument(
+        "--interval",
+        "-i",
+        type=_seconds,
+        default=1.0,
+        metavar="S",
+        help="seconds between requests (default 1)",
+    )
+    ping.add_argument(
+        "--timeout",
+        "-W",
+        type=_positive_seconds,
+        default=DEFAULT_PING_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for each reply (default {DEFAULT_PING_TIMEOUT:g})",
+    )
+    ping.add_argument(
+        "--service", default="/emailmw/ping", help="service name (default /emailmw/ping)"
+    )
+    ping.add_argument(
+        "--remote",
+        action="store_true",
+        help="do not answer here: a server for --service in another process must",
+    )
 
     send = sub.add_parser("send", help="send a raw email via SMTP")
     _add_config(send)
@@ -155,6 +198,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -167,6 +217,8 @@ def _count(text: str) -> int:
 
 #: ``emailmw call --timeout`` default, in seconds.
 DEFAULT_CALL_TIMEOUT = 30.0
+#: ``emailmw ping --timeout`` default, in seconds (a round trip is two emails).
+DEFAULT_PING_TIMEOUT = 10.0
 #: ``emailmw hz --window`` default (as ``ros2 topic hz``).
 DEFAULT_HZ_WINDOW = 10_000
 
@@ -239,6 +291,16 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "check-config":
         return commands.check_config(args.config, sys.stdout)
+    if args.command == "ping":
+        return commands.ping(
+            args.config,
+            sys.stdout,
+            count=args.count,
+            interval=args.interval,
+            timeout=args.timeout,
+            service=args.service,
+            answer=not args.remote,
+        )
     if args.command == "send":
         return commands.send_raw(args.config, args.file, sys.stdout)
     if args.command == "receive":
@@ -260,9 +322,12 @@ def _run(args: argparse.Namespace) -> int:
             older_than=args.older_than,
             topic=args.topic,
             dry_run=args.dry_run,
+            progress=sys.stderr,
         )
     if args.command == "topics":
         return commands.topics(args.config, sys.stdout, as_json=args.json)
     if args.command == "history":
-        return commands.history(args.config, args.topic, args.n, sys.stdout, as_json=args.json)
+        return commands.history(
+            args.config, args.topic, args.n, sys.stdout, as_json=args.json, progress=sys.stderr
+        )
     raise AssertionError(args.command)

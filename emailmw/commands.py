@@ -18,15 +18,16 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, TextIO
 
+from emailmw._progress import ProgressReporter
 from emailmw.context import Context
 from emailmw.errors import ConfigError, ContextError, WaitTimeoutError
 from emailmw.info import MessageInfo, Timestamp
 from emailmw.options import Options
 from emailmw.pubsub import Publisher, Subscription
-from emailmw.service import ServiceClient
+from emailmw.service import ServiceClient, ServiceServer
 from emailmw.stats import StatsCounters
 from emailmw.timeout import Deadline
-from emailmw.wait import wait_for_message_with_info, wait_for_response
+from emailmw.wait import WaitSet, wait_for_message_with_info, wait_for_response
 
 __all__ = [
     "call",
@@ -36,6 +37,8 @@ __all__ = [
     "hz",
     "hz_report",
     "message_json",
+    "ping",
+    "ping_summary",
     "prune",
     "publish",
     "receive_raw",
@@ -43,6 +46,7 @@ __all__ = [
     "run_echo",
     "run_history",
     "run_hz",
+    "run_ping",
     "run_prune",
     "run_topics",
     "send_raw",
@@ -357,10 +361,16 @@ def prune(
     older_than: float | None = None,
     topic: str | None = None,
     dry_run: bool = False,
+    progress: TextIO | None = None,
 ) -> int:
     """Apply the retention to the folder (see :func:`run_prune`)."""
     return run_prune(
-        Context(_options(config)), out, older_than=older_than, topic=topic, dry_run=dry_run
+        Context(_options(config)),
+        out,
+        older_than=older_than,
+        topic=topic,
+        dry_run=dry_run,
+        progress=progress,
     )
 
 
@@ -371,10 +381,20 @@ def run_prune(
     older_than: float | None = None,
     topic: str | None = None,
     dry_run: bool = False,
+    progress: TextIO | None = None,
 ) -> int:
     """Run :meth:`Context.prune` and print one line per topic (``TOPIC: examined N,
-    deleted N, kept N``) and a total line. Returns 0."""
-    result = ctx.prune(older_than, topic=topic, dry_run=dry_run)
+    deleted N, kept N``) and a total line. Returns 0.
+
+    With a ``progress`` stream (the CLI gives stderr), how far the listing and
+    the deleting got is written there: a bar on a terminal, plain lines
+    otherwise (see :mod:`emailmw._progress`)."""
+    reporter = None if progress is None else ProgressReporter(progress, "prune")
+    try:
+        result = ctx.prune(older_than, topic=topic, dry_run=dry_run, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
     verb = "would delete" if dry_run else "deleted"
     for name in sorted(result.topics):
         counts = result.topics[name]
@@ -432,31 +452,48 @@ def run_topics(options: Options, out: TextIO, *, as_json: bool = False) -> int:
 
 
 def history(
-    config: str | None, topic: str, count: int, out: TextIO, *, as_json: bool = False
+    config: str | None,
+    topic: str,
+    count: int,
+    out: TextIO,
+    *,
+    as_json: bool = False,
+    progress: TextIO | None = None,
 ) -> int:
     """Print the last messages of a topic (see :func:`run_history`)."""
-    return run_history(_options(config), topic, count, out, as_json=as_json)
+    return run_history(_options(config), topic, count, out, as_json=as_json, progress=progress)
 
 
 def run_history(
-    options: Options, topic: str, count: int, out: TextIO, *, as_json: bool = False
+    options: Options,
+    topic: str,
+    count: int,
+    out: TextIO,
+    *,
+    as_json: bool = False,
+    progress: TextIO | None = None,
 ) -> int:
     """Print the last ``count`` messages of ``topic`` in the folder, oldest first,
     one per line: ``TIME [GID] MESSAGE``; with ``as_json`` one JSON object per
     line (``topic``, ``message``, ``source_timestamp`` in ns, ``publisher_gid``,
     ``message_id``, ``uid``, ``size``, ``headers``). Only those ``count`` bodies
-    are fetched. Returns 0 (also when the topic has no messages)."""
+    are fetched. Returns 0 (also when the topic has no messages). With a
+    ``progress`` stream, the listing and the fetching report how far they got
+    there (as for :func:`run_prune`)."""
     from emailmw.info import additional_headers
     from emailmw.transport.mailbox import history as last_messages
     from emailmw.transport.mailbox import open_admin_session
 
     if count < 0:
         raise ConfigError(f"-n must be >= 0, got {count}")
+    reporter = None if progress is None else ProgressReporter(progress, "history")
     session = open_admin_session(options.imap_settings(), writable=False)
     try:
-        found = last_messages(session, topic, count)
+        found = last_messages(session, topic, count, reporter)
     finally:
         session.close(polite=True)
+        if reporter is not None:
+            reporter.close()
     for summary, email in found:
         gid = summary.publisher_gid.value if summary.publisher_gid else None
         if as_json:
@@ -474,3 +511,167 @@ def run_history(
         else:
             out.write(f"{_iso(summary.source_timestamp)} [{gid}] {email.content.body}{os.linesep}")
     return 0
+
+
+#: ``emailmw ping``'s service name unless ``--service`` says otherwise.
+PING_SERVICE = "/emailmw/ping"
+
+
+def ping(
+    config: str | None,
+    out: TextIO,
+    *,
+    count: int = 4,
+    interval: float = 1.0,
+    timeout: float = 10.0,
+    service: str = PING_SERVICE,
+    answer: bool = True,
+) -> int:
+    """Round trips through the mailbox of the configured account (see :func:`run_ping`).
+    Works on the intraprocess transport too."""
+    options = Options.load() if config is None else Options.from_file(config)
+    with Context(options) as ctx:
+        return run_ping(
+            ctx,
+            out,
+            count=count,
+            interval=interval,
+            timeout=timeout,
+            service=service,
+            answer=answer,
+        )
+
+
+def _describe_route(options: Options) -> str:
+    if options.intraprocess or options.user is None:
+        return "intraprocess"
+    return f"{options.user.username} ({options.user.smtp} -> {options.user.imap})"
+
+
+def run_ping(
+    ctx: Context,
+    out: TextIO,
+    *,
+    count: int = 4,
+    interval: float = 1.0,
+    timeout: float = 10.0,
+    service: str = PING_SERVICE,
+    answer: bool = True,
+) -> int:
+    """Send ``count`` requests (0: until interrupted) to ``service``, at least
+    ``interval`` seconds apart, and print each round trip, then a summary, like
+    ``ping``. Returns 0 if any reply came back, else 1.
+
+    Each request is an email to the configured recipients; ``answer`` (the
+    default) has this process answer it when it comes back through the mailbox,
+    so one round trip is a request and its reply, both through the mail
+    servers. With ``answer=False`` another process must answer (a
+    :class:`~emailmw.ServiceServer` for ``service`` that sends each request
+    back). A reply that takes longer than ``timeout`` seconds counts as lost
+    (and is reported as late if it still comes). Ctrl-C stops early and still
+    prints the summary.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if not interval >= 0 or not timeout > 0:
+        raise ValueError(f"interval must be >= 0 and timeout > 0, got {interval}, {timeout}")
+    client = ServiceClient(service, context=ctx)
+    server = ServiceServer(service, context=ctx) if answer else None
+    waitset = WaitSet(context=ctx)
+    waitset.add_client(client)
+    if server is not None:
+        waitset.add_server(server)
+    out.write(
+        f"PING {service} via {_describe_route(ctx.options)}: "
+        f"{'answered here' if answer else 'answered elsewhere'}, timeout {timeout:g} s\n"
+    )
+    out.flush()
+    times: list[float] = []
+    sent = 0
+    outstanding: dict[int, tuple[int, float]] = {}  # sequence number -> (seq, when sent)
+    expired: set[int] = set()  # given up on: a late reply is taken, and counted lost
+    last_sent = 0.0
+    started = time.monotonic()
+    try:
+        for index in itertools.count(1):
+            if count and index > count:
+                break
+            if index > 1:
+                pause = interval - (time.monotonic() - last_sent)
+                if pause > 0:
+                    time.sleep(pause)
+            last_sent = time.monotonic()
+            number = client.send_request(f"ping {index}")
+            sent += 1
+            outstanding[number] = (index, time.perf_counter())
+            deadline = Deadline(timeout)
+            while number in outstanding:
+                remaining = deadline.remaining()
+                if remaining == 0:
+                    outstanding.pop(number)
+                    expired.add(number)
+                    out.write(f"no reply to seq={index} within {timeout:g} s\n")
+                    break
+                if waitset.wait(remaining):
+                    _answer(server)
+                    _take_replies(client, outstanding, expired, times, out)
+            out.flush()
+    except (KeyboardInterrupt, ContextError):
+        pass
+    finally:
+        waitset.clear()
+        client.close()
+        if server is not None:
+            server.close()
+    elapsed = time.monotonic() - started
+    out.write(ping_summary(service, sent, times, elapsed) + "\n")
+    out.flush()
+    return 0 if times else 1
+
+
+def _answer(server: ServiceServer[str, str] | None) -> None:
+    """Answer every request waiting at ``server`` with its own content."""
+    if server is None:
+        return
+    while (request := server.get_request()) is not None:
+        server.send_response(request.id, request.content)
+
+
+def _take_replies(
+    client: ServiceClient[str, str],
+    outstanding: dict[int, tuple[int, float]],
+    expired: set[int],
+    times: list[float],
+    out: TextIO,
+) -> None:
+    """Take every reply that came: to the requests waited for (their round trip goes
+    into ``times``, in ms) and to those given up on (reported late, counted lost),
+    so that none stays queued."""
+    for number in sorted(outstanding):
+        if client.get_response(number) is not None:
+            index, sent_at = outstanding.pop(number)
+            took = (time.perf_counter() - sent_at) * 1000
+            times.append(took)
+            out.write(f"reply from {client.service_name}: seq={index} time={took:.1f} ms\n")
+    for number in sorted(expired):
+        if client.get_response(number) is not None:
+            expired.discard(number)
+            out.write(f"late reply to request {number} (counted lost)\n")
+
+
+def ping_summary(service: str, sent: int, times_ms: list[float], elapsed: float) -> str:
+    """The closing lines of ``emailmw ping``: counts, loss, and min/avg/max/stddev of
+    the round trips ``times_ms`` (milliseconds)."""
+    received = len(times_ms)
+    lost = 100.0 * (sent - received) / sent if sent else 0.0
+    lines = [
+        f"--- {service} ping statistics ---",
+        f"{sent} requests sent, {received} replies received, {lost:.0f}% lost, "
+        f"time {elapsed * 1000:.0f} ms",
+    ]
+    if times_ms:
+        lines.append(
+            f"rtt min/avg/max/stddev = {min(times_ms):.1f}/{statistics.fmean(times_ms):.1f}/"
+            f"{max(times_ms):.1f}/{statistics.pstdev(times_ms):.1f} ms"
+        )
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import threading
+import time
 import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -20,7 +21,8 @@ from emailmw.aio import AsyncContextMixin
 from emailmw.dispatch.core import DeliveryCore
 from emailmw.dispatch.polling import PollingManager
 from emailmw.durable import DurableCursor
-from emailmw.errors import ConfigError, ContextError, InvalidMessageError
+from emailmw.errors import AuthenticationError, ConfigError, ContextError, InvalidMessageError
+from emailmw.metrics import ConnectionState, Histogram, Metrics
 from emailmw.options import Options
 from emailmw.security import AdmissionPolicy
 from emailmw.state_store import StateStore
@@ -34,7 +36,8 @@ from emailmw.validation import validate_rmw_email_name
 from emailmw.waitable import Waitable, Waiter
 
 if TYPE_CHECKING:
-    from emailmw.transport.mailbox import PruneResult
+    from emailmw.metrics_http import MetricsServer
+    from emailmw.transport.mailbox import Progress, PruneResult
 
 __all__ = ["Context", "ContextState", "get_global_context", "init", "shutdown", "stats"]
 
@@ -108,6 +111,10 @@ class Context(AsyncContextMixin):
         self._polling_manager: PollingManager | None = None
         self._state_store_: StateStore | None = None  # opened by the first durable subscription
         self._durable_cursors: weakref.WeakSet[DurableCursor] = weakref.WeakSet()
+        self._metrics_server: MetricsServer | None = None
+        self._ran = False  # it was running once (connection_state: closed, not failed)
+        self._auth_failed = False  # init() failed on the credentials
+        self._started_at = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -129,12 +136,14 @@ class Context(AsyncContextMixin):
             self._sender, self._receiver = sender, receiver
             self._state = ContextState.STARTING
         try:
+            self._start_metrics_server()
             sender.connect()
             receiver.connect()
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 aborted = self._state is ContextState.SHUT_DOWN
                 self._state = ContextState.SHUT_DOWN
+                self._auth_failed = isinstance(exc, AuthenticationError)
             self._close_transport()
             if aborted:
                 raise ContextError("context was shut down while connecting") from None
@@ -160,6 +169,10 @@ class Context(AsyncContextMixin):
                 self._core = core
                 self._polling_manager = polling_manager
                 self._state = ContextState.RUNNING
+                self._ran = True
+                self._started_at = time.monotonic()
+                if self._options.intraprocess:
+                    self._stats.connections.set("intraprocess", ConnectionState.CONNECTED)
                 polling_manager.start()
         if aborted:
             self._close_transport()
@@ -200,8 +213,25 @@ class Context(AsyncContextMixin):
         logger.info("context shut down")
         return True
 
+    def _start_metrics_server(self) -> None:
+        """Serve the metrics over HTTP if ``metrics-port`` is set (:mod:`emailmw.metrics_http`)."""
+        port = self._options.metrics_port
+        if port is None:
+            return
+        from emailmw.metrics_http import start_metrics_server
+
+        self._metrics_server = start_metrics_server(
+            self.metrics, self._options.metrics_address, port
+        )
+
     def _close_transport(self) -> None:
-        """Close sender and receiver (each aborts what it has in progress)."""
+        """Close sender and receiver (each aborts what it has in progress), and stop
+        serving the metrics."""
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.close()
+        if self._options.intraprocess and self._ran:
+            self._stats.connections.close("intraprocess")
         for closeable in (self._sender, self._receiver):
             if closeable is not None:
                 try:
@@ -255,6 +285,79 @@ class Context(AsyncContextMixin):
         """A snapshot of the counters: sent, received, delivered, dropped by reason..."""
         return self._stats.snapshot()
 
+    @property
+    def connection_state(self) -> ConnectionState:
+        """How the context's connections stand: ``disconnected`` before :meth:`init`,
+        ``connecting`` during it, then the most troubled state of its SMTP and IMAP
+        connections (``auth_failed``, else ``reconnecting``, else ``connected``;
+        always ``connected`` on the intraprocess transport), and ``closed`` after
+        :meth:`shutdown`. An :meth:`init` that failed leaves ``auth_failed`` if the
+        server refused the credentials, else ``disconnected``."""
+        state = self._state
+        if state is ContextState.CREATED:
+            return ConnectionState.DISCONNECTED
+        worst = self._stats.connections.worst()
+        if state is ContextState.SHUT_DOWN:
+            if self._ran:
+                return ConnectionState.CLOSED
+            if self._auth_failed or worst is ConnectionState.AUTH_FAILED:
+                return ConnectionState.AUTH_FAILED
+            return ConnectionState.DISCONNECTED
+        if state is ContextState.STARTING:
+            if worst is ConnectionState.AUTH_FAILED:
+                return worst
+            return ConnectionState.CONNECTING
+        return ConnectionState.CONNECTED if worst is None else worst
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics are served over HTTP (``metrics-address``, and the port
+        bound: the one of ``metrics-port``, or the one the system chose for 0), or
+        None when they are not."""
+        server = self._metrics_server
+        return None if server is None else server.address
+
+    def metrics(self) -> Metrics:
+        """A snapshot of the counters, gauges, latency histograms and connection states
+        (see :class:`~emailmw.metrics.Metrics` for each name). Cheap enough to call
+        on every scrape; works in any lifecycle state."""
+        stats = self._stats.snapshot()
+        receiver = self._receiver
+        counters = {
+            "sent": stats.sent,
+            "send_retries": stats.send_retries,
+            "send_failures": stats.send_failures,
+            "received": stats.received,
+            "delivered": stats.delivered,
+            "reconnects": stats.reconnects,
+            "callback_errors": stats.callback_errors,
+            "dropped": stats.dropped_total,
+            "imap_commands": int(getattr(receiver, "commands_sent", 0)),
+            "imap_bytes_received": int(getattr(receiver, "bytes_received", 0)),
+        }
+        core = self._core
+        running = self._state is ContextState.RUNNING
+        gauges = {
+            "held_messages": float(core.held_count if core is not None else 0),
+            "publisher_streams": float(core.stream_count if core is not None else 0),
+            "uptime_seconds": time.monotonic() - self._started_at if running else 0.0,
+        }
+        imap = {name: h.snapshot() for name, h in sorted(self._stats.imap_round_trips().items())}
+        histograms = {
+            "send_seconds": self._stats.send_latency.snapshot(),
+            "delivery_seconds": self._stats.delivery_latency.snapshot(),
+            "imap_command_seconds": Histogram.merge(list(imap.values())),
+        }
+        return Metrics(
+            connection_state=self.connection_state,
+            connections=self._stats.connections.states(),
+            counters=counters,
+            dropped=dict(stats.dropped),
+            gauges=gauges,
+            histograms=histograms,
+            imap_commands=imap,
+        )
+
     def prune(
         self,
         older_than: float | None = None,
@@ -262,12 +365,15 @@ class Context(AsyncContextMixin):
         max_count: int | None = None,
         topic: str | None = None,
         dry_run: bool = False,
+        progress: Progress | None = None,
     ) -> PruneResult:
         """Apply the retention to the mailbox folder: delete the emailmw emails whose
         ``Source-Timestamp`` is older than ``older_than`` seconds (default:
         ``retention.max-age``) and all but the newest ``max_count`` of each topic
         (default: ``retention.max-count``); only ``topic``'s if given. ``dry_run``
         deletes nothing. Returns what was examined, deleted and kept, per topic.
+        ``progress(phase, done, total)`` is told how far it got after each batch
+        (phases ``listing`` and ``deleting``).
 
         Works on an IMAP session of its own (read-write), whatever the context's
         state; readers of the folder keep working. Foreign mail is never deleted.
@@ -293,7 +399,12 @@ class Context(AsyncContextMixin):
         session = open_admin_session(self._options.imap_settings())
         try:
             return prune_folder(
-                session, older_than=older_than, max_count=max_count, topic=topic, dry_run=dry_run
+                session,
+                older_than=older_than,
+                max_count=max_count,
+                topic=topic,
+                dry_run=dry_run,
+                progress=progress,
             )
         finally:
             session.close(polite=True)
@@ -355,7 +466,10 @@ class Context(AsyncContextMixin):
         if sender is None or self._state is not ContextState.RUNNING:
             self._check()
         assert sender is not None
-        return sender.send(content, headers)
+        started = time.perf_counter()
+        message_id = sender.send(content, headers)
+        self._stats.send_latency.observe(time.perf_counter() - started)
+        return message_id
 
     def _reply(self, content: EmailContent, original: EmailData, headers: EmailHeaders) -> str:
         """Send a reply to ``original``; return its Message-ID."""
@@ -363,7 +477,10 @@ class Context(AsyncContextMixin):
         if sender is None or self._state is not ContextState.RUNNING:
             self._check()
         assert sender is not None
-        return sender.reply(content, original, headers)
+        started = time.perf_counter()
+        message_id = sender.reply(content, original, headers)
+        self._stats.send_latency.observe(time.perf_counter() - started)
+        return message_id
 
     def _check_wire_name(self, name: str, kind: str) -> None:
         """Raise :class:`~emailmw.InvalidNameError` if ``name`` cannot be the Subject of

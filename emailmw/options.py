@@ -257,6 +257,11 @@ class Options(_Model):
     token_provider: Callable[[], str] | None = Field(
         default=None, alias="token-provider", exclude=True, repr=False
     )
+    #: serve the metrics over HTTP on this port (needs ``emailmw[metrics]``; 0: any free port)
+    metrics_port: int | None = Field(
+        default=None, alias="metrics-port", ge=0, le=65535, strict=True
+    )
+    metrics_address: str = Field(default="127.0.0.1", alias="metrics-address", min_length=1)
 
     def __init__(self, /, **data: Any) -> None:
         """Validate the keyword arguments; a bad value raises :class:`ConfigError`

@@ -6,6 +6,8 @@ import enum
 import threading
 from dataclasses import dataclass, field
 
+from emailmw.metrics import ConnectionTracker, Histogram
+
 __all__ = ["DropReason", "Stats", "StatsCounters"]
 
 
@@ -54,9 +56,20 @@ class Stats:
 
 
 class StatsCounters:
-    """The live, thread-safe counters behind :class:`Stats`."""
+    """The live, thread-safe counters behind :class:`Stats`, and the live metrics
+    behind :class:`~emailmw.metrics.Metrics`: the latency histograms
+    (``send_latency``, ``delivery_latency``, IMAP round trips by command through
+    :meth:`observe_imap`) and the state of each connection (``connections``)."""
 
-    __slots__ = ("_counts", "_dropped", "_lock")
+    __slots__ = (
+        "_counts",
+        "_dropped",
+        "_imap",
+        "_lock",
+        "connections",
+        "delivery_latency",
+        "send_latency",
+    )
 
     _NAMES = (
         "sent",
@@ -73,6 +86,12 @@ class StatsCounters:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self._NAMES, 0)
         self._dropped = {reason.value: 0 for reason in DropReason}
+        self._imap: dict[str, Histogram] = {}
+        #: publish (request, response) until the server accepted it, in seconds
+        self.send_latency = Histogram()
+        #: Source-Timestamp until the message was in this process's hands, in seconds
+        self.delivery_latency = Histogram()
+        self.connections = ConnectionTracker()
 
     def add(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name`` (one of :class:`Stats`' int fields)."""
@@ -88,3 +107,16 @@ class StatsCounters:
         """A consistent copy of every counter."""
         with self._lock:
             return Stats(dropped=dict(self._dropped), **self._counts)
+
+    def observe_imap(self, command: str, seconds: float) -> None:
+        """Count the round trip of one IMAP ``command`` (``NOOP``, ``UID FETCH``, ...)."""
+        histogram = self._imap.get(command)
+        if histogram is None:
+            with self._lock:
+                histogram = self._imap.setdefault(command, Histogram())
+        histogram.observe(seconds)
+
+    def imap_round_trips(self) -> dict[str, Histogram]:
+        """The IMAP round-trip histograms by command."""
+        with self._lock:
+            return dict(self._imap)

@@ -404,8 +404,7 @@ class SubscriptionHandler(EmailHandler):
             )
             self._deliver(topic, ready)
 
-    @staticmethod
-    def _message(email: EmailData, stamp: Timestamp, gid: Gid, own: int) -> Message:
+    def _message(self, email: EmailData, stamp: Timestamp, gid: Gid, own: int) -> Message:
         """The message as the order holds it. ``own``: how many of emailmw's headers
         the email is known to carry; with no other header, the info keeps none (a
         queued message then holds no reference to the email's headers)."""
@@ -414,9 +413,9 @@ class SubscriptionHandler(EmailHandler):
         if message_type is not None:
             own += 1
         extra = headers if len(headers) > own else NO_HEADERS
-        info = MessageInfo(
-            stamp, Timestamp(time.time_ns()), gid, extra, email.message_id, email.uid
-        )
+        now = time.time_ns()
+        self._stats.delivery_latency.observe((now - stamp.nanoseconds) / 1e9)
+        info = MessageInfo(stamp, Timestamp(now), gid, extra, email.message_id, email.uid)
         return (email.content.body, message_type, info)
 
     def _deliver(self, topic: str, ready: list[Release]) -> None:
@@ -512,13 +511,15 @@ class ServiceHandler(EmailHandler):
         stamp = _source_timestamp(email)
         if stamp is None:
             return self._malformed(email, f"missing or bad {HEADER_SOURCE_TIMESTAMP}")
-        info = ServiceInfo(stamp, Timestamp(time.time_ns()), gid, sequence_number, headers)
+        now = time.time_ns()
+        info = ServiceInfo(stamp, Timestamp(now), gid, sequence_number, headers)
         self._prune_if_needed()
         if email.in_reply_to:
             ref = self._clients.get(gid.value)
             client = None if ref is None else ref()
             if client is None:
                 return False
+            self._stats.delivery_latency.observe((now - stamp.nanoseconds) / 1e9)
             if not client._push_response(
                 email.content.body, headers.get(HEADER_MESSAGE_TYPE), info
             ):
@@ -533,6 +534,7 @@ class ServiceHandler(EmailHandler):
         ]
         if not servers:
             return False
+        self._stats.delivery_latency.observe((now - stamp.nanoseconds) / 1e9)
         delivered = 0
         for server in servers:
             try:

@@ -152,7 +152,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
 
-from emailmw.errors import ImapError, TlsError, TransportError
+from emailmw.errors import AuthenticationError, ImapError, TlsError, TransportError
+from emailmw.metrics import ConnectionState
 from emailmw.stats import DropReason, StatsCounters
 from emailmw.transport.codec import MalformedEmailError, decode_email
 from emailmw.transport.data import EmailData
@@ -490,9 +491,25 @@ class ImapEmailReceiver(EmailReceiver):
     def _count_bytes(self, read: int) -> None:
         self._bytes_received += read
 
+    def _connection(self, state: ConnectionState) -> None:
+        self._stats.connections.set("imap", state)
+
     def _open(self) -> Session:
         """Open a session and place the receiver in the mailbox (first or later connection)."""
-        session = open_session(self._settings, self._ssl_context(), self._count, self._count_bytes)
+        try:
+            session = open_session(
+                self._settings, self._ssl_context(), self._count, self._count_bytes
+            )
+        except AuthenticationError:
+            self._connection(ConnectionState.AUTH_FAILED)
+            raise
+        except TransportError:
+            first = self._uidvalidity is None
+            self._connection(
+                ConnectionState.DISCONNECTED if first else ConnectionState.RECONNECTING
+            )
+            raise
+        session.observe = self._stats.observe_imap
         if self._uidvalidity is None:
             self._uidvalidity = session.uidvalidity
             self._next_uid = session.uidnext
@@ -531,6 +548,7 @@ class ImapEmailReceiver(EmailReceiver):
             "yes" if session.has_idle else "no",
             session.tls_version or "plain text",
         )
+        self._connection(ConnectionState.CONNECTED)
         return session
 
     def _lose(self, session: Session, exc: BaseException) -> None:
@@ -542,6 +560,7 @@ class ImapEmailReceiver(EmailReceiver):
             return
         logger.warning("IMAP connection to %s lost (%s); reconnecting", self._server, exc)
         self._stats.add("reconnects")
+        self._connection(ConnectionState.RECONNECTING)
         session.close(polite=False)
         self._session = None
         self._mode = "disconnected"
@@ -980,6 +999,7 @@ class ImapEmailReceiver(EmailReceiver):
         if session is not None:
             session.close(polite=True)
         self._mode = "closed"
+        self._stats.connections.close("imap")
         self._pipe.close()
 
 

@@ -144,6 +144,8 @@ class Session:
         self.opened_at = time.monotonic()
         self.last_sync = self.opened_at  #: when the last command completed
         self._idle_tag: bytes | None = None
+        #: told each command's round trip (command, seconds); None: not measured
+        self.observe: Callable[[str, float], None] | None = None
         self._count = count
         self._tags_counted = 0
 
@@ -168,13 +170,19 @@ class Session:
             self._tags_counted = tags
 
     @contextlib.contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def _guard(self, what: str, timed: bool = True) -> Iterator[None]:
+        """Translate connection problems; report the round trip of a command that
+        completed (``timed``) to :attr:`observe`."""
+        started = time.perf_counter()
         try:
             yield
         except ConnectionLostError:
             raise
         except (imaplib.IMAP4.error, OSError, EOFError, ValueError) as exc:
             raise ConnectionLostError(f"{what}: {exc or type(exc).__name__}") from exc
+        else:
+            if timed and self.observe is not None:
+                self.observe(what, time.perf_counter() - started)
         finally:
             self.count_commands()
 
@@ -291,7 +299,7 @@ class Session:
 
     def idle_wait(self, until: float, wake_fd: int) -> None:
         """Wait in IDLE until an EXISTS, ``wake_fd`` readable, or ``until`` (monotonic)."""
-        with self._guard("IDLE"):
+        with self._guard("IDLE", timed=False):
             sock = self.imap.sock
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)

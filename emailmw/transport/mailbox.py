@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from emailmw.transport.tls import client_context
 __all__ = [
     "BATCH",
     "EmailSummary",
+    "Progress",
     "PruneResult",
     "TopicPrune",
     "TopicSummary",
@@ -52,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 #: UIDs per ``UID FETCH`` / ``UID STORE`` / ``UID EXPUNGE`` command.
 BATCH = 2000
+
+#: Told how far a long operation got: ``progress(phase, done, total)`` after each
+#: batch (phases ``listing``, ``fetching``, ``deleting``).
+Progress = Callable[[str, int, int], None]
 
 _FIELDS = b"SUBJECT SOURCE-TIMESTAMP PUBLISHER-GID CLIENT-GID MESSAGE-ID"
 _HEADER_ITEM = b"BODY[HEADER.FIELDS (" + _FIELDS + b")]"
@@ -233,12 +238,17 @@ def _summary(uid: int, item: dict[bytes, Any]) -> EmailSummary | None:
 
 
 def list_emailmw(
-    session: Session, topic: str | None = None, batch: int = BATCH
+    session: Session,
+    topic: str | None = None,
+    batch: int = BATCH,
+    progress: Progress | None = None,
 ) -> list[EmailSummary]:
     """Every emailmw email of the selected folder (of ``topic`` only, if given), in
-    UID order, from its headers."""
+    UID order, from its headers. ``progress("listing", done, total)`` after each batch."""
     uids = _search(session, topic)
     found: list[EmailSummary] = []
+    if progress is not None:
+        progress("listing", 0, len(uids))
     for start in range(0, len(uids), batch):
         chunk = uids[start : start + batch]
         try:
@@ -252,14 +262,21 @@ def list_emailmw(
             summary = None if item is None else _summary(uid, item)
             if summary is not None and (topic is None or summary.topic == topic):
                 found.append(summary)
+        if progress is not None:
+            progress("listing", start + len(chunk), len(uids))
     return found
 
 
-def fetch_emails(session: Session, uids: Sequence[int]) -> dict[int, EmailData]:
+def fetch_emails(
+    session: Session, uids: Sequence[int], progress: Progress | None = None
+) -> dict[int, EmailData]:
     """The decoded emails of ``uids`` (``BODY.PEEK[]``: nothing is marked read);
-    one that is not emailmw's or cannot be decoded is left out (and logged)."""
+    one that is not emailmw's or cannot be decoded is left out (and logged).
+    ``progress("fetching", done, total)`` after each batch."""
     result: dict[int, EmailData] = {}
     ordered = sorted(uids)
+    if progress is not None:
+        progress("fetching", 0, len(ordered))
     for start in range(0, len(ordered), BATCH):
         chunk = ordered[start : start + BATCH]
         try:
@@ -277,6 +294,8 @@ def fetch_emails(session: Session, uids: Sequence[int]) -> dict[int, EmailData]:
                 continue
             if email is not None:
                 result[uid] = email
+        if progress is not None:
+            progress("fetching", start + len(chunk), len(ordered))
     return result
 
 
@@ -294,16 +313,20 @@ def topics(session: Session) -> list[TopicSummary]:
     return [by_topic[name] for name in sorted(by_topic)]
 
 
-def history(session: Session, topic: str, count: int) -> list[tuple[EmailSummary, EmailData]]:
+def history(
+    session: Session, topic: str, count: int, progress: Progress | None = None
+) -> list[tuple[EmailSummary, EmailData]]:
     """The last ``count`` publications of ``topic``, oldest first (by
     ``Source-Timestamp``, then UID), decoded: found by header, and only their
-    bodies fetched."""
+    bodies fetched. ``progress`` is told of the listing and the fetching."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count!r}")
-    found = [e for e in list_emailmw(session, topic) if e.publisher_gid is not None]
+    found = [
+        e for e in list_emailmw(session, topic, progress=progress) if e.publisher_gid is not None
+    ]
     found.sort(key=lambda e: (e.source_timestamp, e.uid))
     last = found[len(found) - count :] if count else []
-    bodies = fetch_emails(session, [e.uid for e in last])
+    bodies = fetch_emails(session, [e.uid for e in last], progress)
     return [(e, bodies[e.uid]) for e in last if e.uid in bodies]
 
 
@@ -342,11 +365,13 @@ def prune(
     topic: str | None = None,
     dry_run: bool = False,
     now: Timestamp | None = None,
+    progress: Progress | None = None,
 ) -> PruneResult:
     """Delete the emailmw emails of the (``SELECT``\\ed) folder whose
     ``Source-Timestamp`` is older than ``older_than`` seconds, and all but the
     newest ``max_count`` of each topic; only ``topic`` if given. Foreign mail is
     never touched, nor another client's ``\\Deleted`` emails expunged.
+    ``progress`` is told of the listing and the deleting, batch by batch.
 
     Raises :class:`~emailmw.ImapError` if the server lacks UIDPLUS (``UID EXPUNGE``).
     """
@@ -362,14 +387,19 @@ def prune(
             server=session.server,
         )
     started = time.monotonic()
-    emails = list_emailmw(session, topic)
+    emails = list_emailmw(session, topic, progress=progress)
     now_ns = (now or Timestamp.now()).nanoseconds
     doomed = _to_delete(emails, older_than, max_count, now_ns, result)
     if not dry_run:
+        if progress is not None:
+            progress("deleting", 0, len(doomed))
         for start in range(0, len(doomed), BATCH):
-            uids = _uid_set(doomed[start : start + BATCH])
+            chunk = doomed[start : start + BATCH]
+            uids = _uid_set(chunk)
             _command(session, "FETCH", "STORE", uids, "+FLAGS.SILENT", "(\\Deleted)")
             _command(session, "EXPUNGE", "EXPUNGE", uids)
+            if progress is not None:
+                progress("deleting", start + len(chunk), len(doomed))
     logger.info(
         "%s: prune%s: %d emailmw emails examined, %d deleted, %d kept (%.2f s)",
         session.server,

@@ -64,6 +64,7 @@ from emailmw.errors import (
     TlsError,
     TransportError,
 )
+from emailmw.metrics import ConnectionState
 from emailmw.stats import StatsCounters
 from emailmw.transport.codec import encode_email, new_message_id, parse_address
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
@@ -299,6 +300,8 @@ class SmtpEmailSender(EmailSender):
                 return  # the sending thread sees _closing and drops the connection
         try:
             conn, self._conn = self._conn, None
+            if self._stats is not None:
+                self._stats.connections.close("smtp")
             if conn is None:
                 return
             try:
@@ -315,6 +318,10 @@ class SmtpEmailSender(EmailSender):
     def _count(self, name: str) -> None:
         if self._stats is not None:
             self._stats.add(name)
+
+    def _connection(self, state: ConnectionState) -> None:
+        if self._stats is not None:
+            self._stats.connections.set("smtp", state)
 
     def _check_open(self) -> None:
         if self._closing.is_set():
@@ -398,6 +405,7 @@ class SmtpEmailSender(EmailSender):
                 retryable = _retryable(exc)
                 if retryable or _connection_lost(self._conn):
                     self._drop()
+                    self._connection(ConnectionState.RECONNECTING)
                 now = time.monotonic()
                 if refused and (not retryable or now >= deadline):
                     # Retrying refused recipients: the error must say who did get the email.
@@ -410,6 +418,8 @@ class SmtpEmailSender(EmailSender):
                     ) from exc
                 if not retryable:
                     error = self._translate(exc, sending=True)
+                    if isinstance(error, AuthenticationError):
+                        self._connection(ConnectionState.AUTH_FAILED)
                     self._count("send_failures")
                     raise error from exc
                 if now >= deadline:
@@ -520,10 +530,13 @@ class SmtpEmailSender(EmailSender):
         """Open the connection (lock held); translate every failure."""
         try:
             return self._open(time.monotonic() + self._settings.timeout)
-        except TransportError:
-            raise
-        except (OSError, smtplib.SMTPException) as exc:
-            raise self._translate(exc, sending=False) from exc
+        except (OSError, smtplib.SMTPException, TransportError) as exc:
+            error = self._translate(exc, sending=False)
+            auth = isinstance(error, AuthenticationError)
+            self._connection(ConnectionState.AUTH_FAILED if auth else ConnectionState.DISCONNECTED)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _open(self, deadline: float) -> smtplib.SMTP:
         """Connect, greet, STARTTLS, AUTH; store and return the connection (lock held)."""
@@ -578,6 +591,7 @@ class SmtpEmailSender(EmailSender):
         self._ever_connected = True
         self._conn = conn
         self._extensions = frozenset(conn.esmtp_features)
+        self._connection(ConnectionState.CONNECTED)
         self._tls_mode = tls_mode
         self._last_used = time.monotonic()
         logger.debug(
