@@ -331,6 +331,7 @@ class Context(AsyncContextMixin):
             "delivered": stats.delivered,
             "reconnects": stats.reconnects,
             "callback_errors": stats.callback_errors,
+            "resyncs": stats.resyncs,
             "dropped": stats.dropped_total,
             "imap_commands": int(getattr(receiver, "commands_sent", 0)),
             "imap_bytes_received": int(getattr(receiver, "bytes_received", 0)),

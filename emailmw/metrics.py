@@ -200,7 +200,7 @@ class Metrics:
     """A snapshot of what a context is doing (see :meth:`emailmw.Context.metrics`).
 
     ``counters`` only grow: ``sent``, ``send_retries``, ``send_failures``,
-    ``received``, ``delivered``, ``reconnects``, ``callback_errors``,
+    ``received``, ``delivered``, ``reconnects``, ``callback_errors``, ``resyncs``,
     ``dropped`` (all reasons), ``imap_commands`` and ``imap_bytes_received``
     (0 on the intraprocess transport). ``dropped`` counts by
     :class:`~emailmw.DropReason` value. ``gauges`` go up and down:
