@@ -32,6 +32,8 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import weakref
+from collections.abc import Callable
 
 from emailmw.info import MessageInfo
 from emailmw.state_store import HANDLED_KEPT, DurableClaim, StateStore
@@ -65,6 +67,23 @@ class DurableCursor:
         self._waiting_uids: set[int] = set()
         self._waiting: list[int] = []
         self._largest_handled = record.position
+        self._watcher: Callable[[int], None] | None = None
+
+    @property
+    def read_watcher(self) -> Callable[[int], None]:
+        """:meth:`read`, holding this cursor weakly (for the delivery core: a
+        subscription dropped without ``close()`` must let its name go)."""
+        watcher = self._watcher
+        if watcher is None:
+            ref = weakref.ref(self)
+
+            def read(uid: int) -> None:
+                cursor = ref()
+                if cursor is not None:
+                    cursor.read(uid)
+
+            watcher = self._watcher = read
+        return watcher
 
     @property
     def position(self) -> int:

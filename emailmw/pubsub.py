@@ -228,7 +228,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
         self._context._register_waitable(self)
         core = self._context._delivery
         if self._durable is not None:
-            core.watch_uids(self._name, self._durable.read)
+            core.watch_uids(self._name, self._durable.read_watcher)
         core.register_subscription(self._name, self)
         try:  # registered first: what is not read back comes live
             if self._durable is not None:
@@ -323,7 +323,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
             core = self._context._delivery
             core.unregister_subscription(self._name, self)
             if self._durable is not None:
-                core.unwatch_uids(self._name, self._durable.read)
+                core.unwatch_uids(self._name, self._durable.read_watcher)
         finally:
             if self._durable is not None:  # what is still queued comes again next time
                 self._durable.close()

@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,15 +96,12 @@ class DurableClaim:
     def __init__(self, store: StateStore, name: str, fd: int) -> None:
         self.store = store
         self.name = name
-        self._fd: int | None = fd
+        # released when the claim is (a subscription dropped without close())
+        self._release = weakref.finalize(self, _unlock, fd)
 
     def release(self) -> None:
         """Let another subscription use the name. Idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        self._release()
 
 
 class StateStore:
@@ -274,6 +272,13 @@ class StateStore:
         if self._db is None:
             raise StateStoreError(f"the state store {self.path} is closed")
         return self._db
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> str:

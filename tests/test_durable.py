@@ -475,3 +475,13 @@ def test_the_position_waits_for_a_message_held_back_by_the_order(tmp_path: Path)
         claim.release()
     finally:
         store.close()
+
+
+def test_a_subscription_dropped_without_close_lets_its_name_go(tmp_path: Path) -> None:
+    import gc
+
+    with emailmw.Context(emailmw.Options(intraprocess=True, state_dir=tmp_path)) as ctx:
+        emailmw.Subscription(TOPIC, durable="dropped", context=ctx)  # no reference kept
+        gc.collect()
+        again = emailmw.Subscription(TOPIC, durable="dropped", context=ctx)
+        assert again.durable == "dropped"
