@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import imaplib
+import ipaddress
 import logging
 import os
 import pathlib
@@ -124,20 +125,30 @@ class DevServer:
     ``root`` is created if needed and kept (with its certificates, reused by
     the next start). Ports are chosen by the first :meth:`start` and kept by
     restarts. Thread-safe. Requires root (see :func:`ensure_installed`).
+
+    ``host`` is the loopback address every daemon listens on (and Postfix
+    sends from); Linux routes all of 127.0.0.0/8 to ``lo``, so servers of
+    different domains can each have their own address with no setup
+    (:class:`~emailmw.devserver.Federation`). :meth:`relay` routes another
+    domain's mail to its server.
     """
 
     host: str = "127.0.0.1"
+    """The IPv4 loopback address of every listener (the server certificate names it)."""
 
     def __init__(
         self,
         root: str | os.PathLike[str] | None = None,
         accounts: Sequence[str] = ("alice", "bob"),
         domain: str = "example.test",
+        host: str = "127.0.0.1",
     ) -> None:
         domain = domain.lower()
         if not _DOMAIN_RE.match(domain):
             raise ValueError(f"invalid mail domain {domain!r}")
         self._domain = domain
+        self.host = _loopback_ipv4(host)
+        self._relays: dict[str, tuple[str, int]] = {}  # domain -> (host, SMTP port)
         self._lock = threading.RLock()
         self._accounts: dict[str, DevAccount] = {}
         self._refusals: dict[str, str] = {}  # address -> scripted RCPT TO reply
@@ -209,6 +220,11 @@ class DevServer:
     def running(self) -> bool:
         """True while both masters are alive."""
         return all(p is not None and p.alive() for p in (self._dovecot, self._postfix))
+
+    @property
+    def postfix_running(self) -> bool:
+        """True while Postfix's master is alive (SMTP accepted)."""
+        return self._postfix is not None and self._postfix.alive()
 
     def _port(self, name: str) -> int:
         try:
@@ -379,6 +395,44 @@ class DevServer:
             )
         logger.debug("%s %.3f s after reload", goal, time.monotonic() - started)
 
+    # -------------------------------------------------------------- relays
+
+    def relay(self, domain: str, host: str, port: int) -> None:
+        """Send mail for ``domain`` to the SMTP server at ``host:port``, as an MX
+        record would (a Postfix transport map entry, no DNS): Postfix queues it
+        and retries every second or two while that server is unreachable.
+
+        Kept across restarts. While running, Postfix restarts to take it (about
+        0.06 s; SMTP connections drop, the queue stays), so that the next email
+        is routed by the new map.
+        """
+        domain = domain.lower()
+        if not _DOMAIN_RE.match(domain):
+            raise ValueError(f"invalid mail domain {domain!r}")
+        if domain == self._domain:
+            raise ValueError(f"{domain} is this server's own domain: it cannot relay to itself")
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid SMTP port {port} for relay to {domain}")
+        target = (_loopback_ipv4(host), port)
+        with self._lock:
+            if self._relays.get(domain) == target:
+                return
+            self._relays[domain] = target
+            if self._postfix_dir.exists():
+                self._write_transport()
+            if self._postfix is not None and self._postfix.alive():
+                self.restart_postfix()
+
+    @property
+    def relays(self) -> dict[str, tuple[str, int]]:
+        """The domains :meth:`relay` routes: domain -> ``(host, port)`` (a copy)."""
+        with self._lock:
+            return dict(self._relays)
+
+    def _write_transport(self) -> None:
+        lines = "".join(f"{d} smtp:[{h}]:{p}\n" for d, (h, p) in self._relays.items())
+        write_atomic(self._postfix_dir / "transport", lines, backdate=True)
+
     def _write_recipient_access(self) -> None:
         lines = "".join(f"{address} {reply}\n" for address, reply in self._refusals.items())
         write_atomic(self._postfix_dir / "recipient_access", lines, backdate=True)
@@ -416,7 +470,8 @@ class DevServer:
             fresh_ports = not self._ports
             for attempt in range(3):
                 if fresh_ports:
-                    self._ports = dict(zip(_PORT_NAMES, free_ports(4), strict=True))
+                    ports = free_ports(4, self.host)
+                    self._ports = dict(zip(_PORT_NAMES, ports, strict=True))
                 self._prepare()
                 try:
                     self.start_dovecot(timeout)
@@ -500,6 +555,7 @@ class DevServer:
                 sockets=(run / "lmtp", run / "auth-postfix"),
                 logs=(out_path, self._dovecot_log),
                 timeout=timeout,
+                host=self.host,
             )
             if self._postfix is not None and self._postfix.alive():
                 # deliver now what was deferred while Dovecot was down
@@ -554,6 +610,7 @@ class DevServer:
                 sockets=(),
                 logs=(self._postfix_log,),
                 timeout=timeout,
+                host=self.host,
             )
 
     def stop_postfix(self) -> None:
@@ -606,21 +663,32 @@ class DevServer:
             path.mkdir(exist_ok=True)
             os.chown(path, uid, gid)
             path.chmod(mode)
-        make_certs(self._path("tls"), ca_name=f"emailmw dev CA {self._instance}")
+        make_certs(
+            self._path("tls"),
+            ca_name=f"emailmw dev CA {self._instance}",
+            hosts=(self.host,),
+            names=(f"mail.{self._domain}",),
+        )
         dovecot_conf = dovecot_config(
             self._root,
             instance=self._instance,
             domain=self._domain,
             imap_port=self.imap_port,
             imaps_port=self.imaps_port,
+            host=self.host,
         )
         write_atomic(self._dovecot_conf, dovecot_conf)
-        main_cf = postfix_main_cf(self._root, instance=self._instance, domain=self._domain)
+        main_cf = postfix_main_cf(
+            self._root, instance=self._instance, domain=self._domain, host=self.host
+        )
         write_atomic(self._postfix_dir / "main.cf", main_cf, backdate=True)
-        master_cf = postfix_master_cf(smtp_port=self.smtp_port, smtps_port=self.smtps_port)
+        master_cf = postfix_master_cf(
+            smtp_port=self.smtp_port, smtps_port=self.smtps_port, host=self.host
+        )
         write_atomic(self._postfix_dir / "master.cf", master_cf, backdate=True)
         self._write_account_files()
         self._write_recipient_access()
+        self._write_transport()
 
     # -------------------------------------------------------------- test helpers
 
@@ -769,6 +837,20 @@ def _is_scripted(got: tuple[int, str] | None, reply: str) -> bool:
         and text.startswith(match["status"] + " ")
         and text.endswith(": " + match["text"])
     )
+
+
+def _loopback_ipv4(host: str) -> str:
+    """``host`` if it is an IPv4 loopback address (127.0.0.0/8); else ValueError."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"invalid host {host!r}: want an IPv4 address in 127.0.0.0/8") from None
+    if address.version != 4 or not address.is_loopback:
+        raise ValueError(
+            f"host {host!r} is not an IPv4 loopback address (127.0.0.0/8): "
+            "the dev server never listens outside this machine"
+        )
+    return str(address)
 
 
 def _quote(mailbox: str) -> str:
