@@ -9,6 +9,7 @@ and starts it again before it ends.
 
 from __future__ import annotations
 
+import argparse
 import email
 import email.policy
 import smtplib
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailstack import require_mailstack, stored_emails
+from mailstack import load_benchmark, require_mailstack, stored_emails
 
 import emailmw
 from emailmw.devserver import DevServer, Federation
@@ -312,3 +313,26 @@ def test_store_and_forward_through_a_30_s_outage_of_the_receiving_domain(
     stats = on_b.stats()
     assert stats.delivered == PUBLISHES + 1
     assert sum(stats.dropped.values()) == 0, stats.dropped
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.timeout(180)
+def test_the_federation_benchmark_measures_every_row(fed: Federation) -> None:
+    bench = load_benchmark("federation")
+    for path, domain in bench.PATHS.items():
+        row = bench.latency(fed, domain, "poll-10ms", 6, 20.0)
+        assert (row["received"], row["in_order"], row["dropped"]) == (6, True, 0), (path, row)
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
+        burst = bench.throughput(fed, domain, 20)
+        assert (burst["received"], burst["in_order"]) == (20, True), (path, burst)
+        assert burst["publish_per_s"] > 0 and burst["end_to_end_per_s"] > 0
+    outage = bench.store_and_forward(fed, 5, 1.0)
+    assert (outage["received"], outage["in_order"]) == (5, True), outage
+    assert outage["queued_on_a_after_publishing"] == 5
+    assert 0 < outage["first_after_up_s"] <= outage["last_after_up_s"]
+    assert fed.smtp_running("b.test")
+    assert bench.parse_mode("poll-25ms") == ("poll", 25_000_000)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown mode 'fast'"):
+        bench.parse_mode("fast")
