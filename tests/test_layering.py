@@ -79,6 +79,7 @@ LAYERS: dict[str, int] = {
     "emailmw.devserver.cli": 6,
     "emailmw.devserver.configs": 6,
     "emailmw.devserver.errors": 6,
+    "emailmw.devserver.federation": 6,
     "emailmw.devserver.install": 6,
     "emailmw.devserver.processes": 6,
     "emailmw.devserver.server": 6,
