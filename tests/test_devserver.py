@@ -677,10 +677,14 @@ def test_a_server_on_another_loopback_address_listens_and_is_certified_there_onl
             socket.create_connection(("127.0.0.9", port), timeout=5).close()
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        for name in ("127.0.0.9", "mail.nine.test"):  # the certificate names its address
+        for name in ("127.0.0.9", "127.0.0.1", "localhost"):  # the certificate names its address
             with socket.create_connection((other.host, other.imaps_port), timeout=10) as raw:
                 with tls_context(other).wrap_socket(raw, server_hostname=name) as tls:
                     assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+        for name in ("127.0.0.2", "mail.nine.test"):  # and no other
+            with socket.create_connection((other.host, other.imaps_port), timeout=10) as raw:
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    tls_context(other).wrap_socket(raw, server_hostname=name)
         alice = other.account("alice")
         config = other.config(alice)
         assert config["email"]["user"]["url-smtp"] == f"smtp://127.0.0.9:{other.smtp_port}"

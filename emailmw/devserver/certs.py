@@ -33,13 +33,12 @@ def make_certs(
     *,
     ca_name: str,
     hosts: Sequence[str] = (),
-    names: Sequence[str] = (),
 ) -> None:
     """Make a test CA and a server certificate in ``directory`` (which must exist).
 
     Writes ``ca.pem`` (what clients should trust), ``ca.key``, ``cert.pem`` and
-    ``key.pem`` (the server's, for ``localhost`` and ``127.0.0.1``, plus the
-    IP addresses ``hosts`` and the DNS names ``names``); the keys
+    ``key.pem`` (the server's, for ``localhost``, ``127.0.0.1`` and the IP
+    addresses ``hosts``); the keys
     are mode 0600. ``ca_name`` is the CA's common name. Does nothing if
     ``ca.pem``, ``cert.pem`` and ``key.pem`` exist already. Raises
     :class:`DevServerError` with ``openssl``'s error output if it fails.
@@ -48,8 +47,7 @@ def make_certs(
         return
     started = time.monotonic()
     ips = dict.fromkeys(["127.0.0.1", *hosts])  # in order, once each
-    dns = dict.fromkeys(["localhost", *names])
-    alt_names = ", ".join([*(f"DNS:{d}" for d in dns), *(f"IP:{ip}" for ip in ips)])
+    alt_names = ", ".join(["DNS:localhost", *(f"IP:{ip}" for ip in ips)])
     (directory / "server.ext").write_text(f"{_SERVER_EXTENSIONS}subjectAltName = {alt_names}\n")
     new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     commands = [

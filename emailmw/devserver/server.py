@@ -667,7 +667,6 @@ class DevServer:
             self._path("tls"),
             ca_name=f"emailmw dev CA {self._instance}",
             hosts=(self.host,),
-            names=(f"mail.{self._domain}",),
         )
         dovecot_conf = dovecot_config(
             self._root,
