@@ -27,6 +27,7 @@ from mailstack import load_benchmark, require_mailstack, stored_emails
 
 import emailmw
 from emailmw.devserver import DevServer, Federation
+from emailmw.devserver.processes import Proc, listening_ports, read_pid_file
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.mailstack]
 
@@ -62,6 +63,16 @@ def received_chain(raw: bytes) -> list[str]:
     return [" ".join(str(h).split()) for h in message.get_all("Received", [])]
 
 
+def masters(server: DevServer) -> list[Proc]:
+    """The running Postfix and Dovecot masters of ``server`` (they hold the listeners)."""
+    found = [
+        read_pid_file(server.root / "postfix-spool" / "pid" / "master.pid"),
+        read_pid_file(server.root / "dovecot" / "run" / "master.pid"),
+    ]
+    assert all(p is not None and p.alive() for p in found), found
+    return [p for p in found if p is not None]
+
+
 def smtp_send(server: DevServer, sender: str, to: str, subject: str) -> None:
     """Send one email through ``server``'s SMTP (STARTTLS, AUTH as the sender)."""
     account = server.account(sender)
@@ -83,10 +94,14 @@ def test_each_domain_listens_on_its_own_loopback_address_only(fed: Federation) -
         assert server.domain == domain
         assert server.running and fed.smtp_running(domain)
         assert fed.account("alice", domain).address == f"alice@{domain}"
-        for port in (server.smtp_port, server.smtps_port, server.imap_port, server.imaps_port):
+        ports = {server.smtp_port, server.smtps_port, server.imap_port, server.imaps_port}
+        for port in ports:
             socket.create_connection((server.host, port), timeout=5).close()
-            with pytest.raises(ConnectionRefusedError):  # not on 127.0.0.1: its own address
-                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        on_host: set[int] = set()
+        for master in masters(server):  # bound to its own address: not 127.0.0.1, no wildcard
+            on_host |= listening_ports(master.pid, server.host)
+            assert not ports & listening_ports(master.pid, "127.0.0.1")
+        assert ports <= on_host
         others = {d: (fed.host(d), fed.server(d).smtp_port) for d in DOMAINS if d != domain}
         assert server.relays == others
 
