@@ -572,8 +572,8 @@ def test_a_port_taken_meanwhile_is_retried_with_new_ones(monkeypatch: pytest.Mon
         taken = [smtp_taken.getsockname()[1], imap_taken.getsockname()[1]]
         calls = []
 
-        def racy(count: int) -> list[int]:
-            ports = real(count)
+        def racy(count: int, host: str = "127.0.0.1") -> list[int]:
+            ports = real(count, host)
             calls.append(ports)
             if len(calls) == 1:  # smtp, smtps, imap, imaps: another process took two
                 ports[0], ports[2] = taken
@@ -663,3 +663,83 @@ def test_mailstack_problem_is_none_here_when_installed() -> None:
     if mailstack_problem() is not None:
         require_mailstack()  # skips, or fails on CI
     devserver.ensure_installed()
+
+
+# ----------------------------------------------------------------------------- host and relays
+
+
+def test_a_server_on_another_loopback_address_listens_and_is_certified_there_only() -> None:
+    require_mailstack()
+    with DevServer(accounts=("alice",), domain="nine.test", host="127.0.0.9") as other:
+        assert other.host == "127.0.0.9"
+        ports = (other.smtp_port, other.smtps_port, other.imap_port, other.imaps_port)
+        for port in ports:
+            socket.create_connection(("127.0.0.9", port), timeout=5).close()
+        on_host: set[int] = set()
+        for pid_file in ("postfix-spool/pid/master.pid", "dovecot/run/master.pid"):
+            master = processes.read_pid_file(other.root / pid_file)
+            assert master is not None  # bound to 127.0.0.9 only: not 127.0.0.1, no wildcard
+            on_host |= processes.listening_ports(master.pid, "127.0.0.9")
+            assert not set(ports) & processes.listening_ports(master.pid, "127.0.0.1")
+        assert set(ports) <= on_host
+        for name in ("127.0.0.9", "127.0.0.1", "localhost"):  # the certificate names its address
+            with socket.create_connection((other.host, other.imaps_port), timeout=10) as raw:
+                with tls_context(other).wrap_socket(raw, server_hostname=name) as tls:
+                    assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+        for name in ("127.0.0.2", "mail.nine.test"):  # and no other
+            with socket.create_connection((other.host, other.imaps_port), timeout=10) as raw:
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    tls_context(other).wrap_socket(raw, server_hostname=name)
+        alice = other.account("alice")
+        config = other.config(alice)
+        assert config["email"]["user"]["url-smtp"] == f"smtp://127.0.0.9:{other.smtp_port}"
+        subject = unique()
+        send(other, alice, alice.address, subject)
+        with imap(other, alice) as client:
+            wait_for(client, "INBOX", subject)
+        other.stop_postfix()
+        assert not other.postfix_running and not other.running
+        other.start_postfix()
+        assert other.postfix_running and other.running
+
+
+def test_host_must_be_an_ipv4_loopback_address() -> None:
+    for host in ("192.0.2.1", "::1", "0.0.0.0", "localhost", "127.0.0.256"):
+        with pytest.raises(ValueError, match=f"{host}"):
+            DevServer(host=host)
+
+
+def test_relay_refuses_bad_routes_with_clear_errors(server: DevServer) -> None:
+    with pytest.raises(ValueError, match="own domain"):
+        server.relay("example.test", "127.0.0.2", 25)
+    with pytest.raises(ValueError, match="invalid mail domain 'nodots'"):
+        server.relay("nodots", "127.0.0.2", 25)
+    with pytest.raises(ValueError, match="invalid SMTP port 0"):
+        server.relay("b.test", "127.0.0.2", 0)
+    with pytest.raises(ValueError, match="not an IPv4 loopback address"):
+        server.relay("b.test", "192.0.2.1", 25)
+    assert server.relays == {}
+
+
+def test_relay_routes_a_domain_to_its_server_and_other_domains_are_refused() -> None:
+    require_mailstack()
+    with (
+        DevServer(accounts=("alice",), domain="one.test", host="127.0.0.7") as one,
+        DevServer(accounts=("bob",), domain="two.test", host="127.0.0.8") as two,
+    ):
+        alice, bob = one.account("alice"), two.account("bob")
+        one.relay("two.test", two.host, two.smtp_port)  # while running: Postfix restarts
+        assert one.relays == {"two.test": ("127.0.0.8", two.smtp_port)}
+        assert one.postfix_running
+        subject = unique()
+        send(one, alice, bob.address, subject)
+        with imap(two, bob) as client:
+            raw = wait_for(client, "INBOX", subject)
+        # two.test's Postfix got it from one.test's, which sent from its own address
+        assert b"from mail.one.test (unknown [127.0.0.7])" in raw
+        assert b"by mail.two.test (Postfix) with ESMTPS" in raw
+        # a domain with no route is never sent anywhere: refused at RCPT TO
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+            send(one, alice, "carol@nowhere.test", subject + "-nowhere")
+        code, text = info.value.recipients["carol@nowhere.test"]
+        assert code == 550 and b"outbound mail is disabled" in text

@@ -85,6 +85,7 @@ LAYERS: dict[str, int] = {
     "emailmw.devserver.cli": 6,
     "emailmw.devserver.configs": 6,
     "emailmw.devserver.errors": 6,
+    "emailmw.devserver.federation": 6,
     "emailmw.devserver.install": 6,
     "emailmw.devserver.oauth2": 6,
     "emailmw.devserver.processes": 6,

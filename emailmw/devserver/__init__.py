@@ -15,6 +15,10 @@
 Mail for ``alice+orders@example.test`` lands in alice's folder ``orders``
 (:meth:`DevServer.new_mailbox` makes such a folder per test).
 
+:class:`Federation` runs one such server per mail domain, each on its own
+loopback address (``127.0.0.2``, ``127.0.0.3``, ...), relaying to each other
+through Postfix transport maps (no DNS) and queueing while one is down.
+
 Needs Debian's ``dovecot-imapd``, ``dovecot-lmtpd``, ``postfix`` and ``openssl``
 packages, and root (Postfix starts only as root); :func:`ensure_installed`
 checks both. Several instances can run at once: each has its own ports,
@@ -31,6 +35,7 @@ Errors::
 An ``atexit`` hook stops every server a program leaves running.
 
 Modules: :mod:`~emailmw.devserver.server` (:class:`DevServer`),
+:mod:`~emailmw.devserver.federation` (:class:`Federation`),
 :mod:`~emailmw.devserver.configs` (the daemons' config files),
 :mod:`~emailmw.devserver.certs` (the test CA and server certificate),
 :mod:`~emailmw.devserver.oauth2` (OAuth2 tokens and Dovecot's local validation),
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 from emailmw.devserver.cli import main
 from emailmw.devserver.errors import DevServerError, MailStackMissingError, PortInUseError
+from emailmw.devserver.federation import Federation
 from emailmw.devserver.install import INSTALL_HINT, ensure_installed
 from emailmw.devserver.server import DevAccount, DevServer
 
@@ -52,6 +58,7 @@ __all__ = [
     "DevAccount",
     "DevServer",
     "DevServerError",
+    "Federation",
     "MailStackMissingError",
     "PortInUseError",
     "ensure_installed",

@@ -11,6 +11,7 @@ import pathlib
 import secrets
 import subprocess
 import time
+from collections.abc import Sequence
 
 from emailmw.devserver.errors import DevServerError
 
@@ -24,15 +25,20 @@ _SERVER_EXTENSIONS = (
     "extendedKeyUsage = serverAuth\n"
     "subjectKeyIdentifier = hash\n"
     "authorityKeyIdentifier = keyid, issuer\n"
-    "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
 )
 
 
-def make_certs(directory: pathlib.Path, *, ca_name: str) -> None:
+def make_certs(
+    directory: pathlib.Path,
+    *,
+    ca_name: str,
+    hosts: Sequence[str] = (),
+) -> None:
     """Make a test CA and a server certificate in ``directory`` (which must exist).
 
     Writes ``ca.pem`` (what clients should trust), ``ca.key``, ``cert.pem`` and
-    ``key.pem`` (the server's, for ``localhost`` and ``127.0.0.1``); the keys
+    ``key.pem`` (the server's, for ``localhost``, ``127.0.0.1`` and the IP
+    addresses ``hosts``); the keys
     are mode 0600. ``ca_name`` is the CA's common name. Does nothing if
     ``ca.pem``, ``cert.pem`` and ``key.pem`` exist already. Raises
     :class:`DevServerError` with ``openssl``'s error output if it fails.
@@ -40,7 +46,9 @@ def make_certs(directory: pathlib.Path, *, ca_name: str) -> None:
     if all((directory / name).exists() for name in ("ca.pem", "cert.pem", "key.pem")):
         return
     started = time.monotonic()
-    (directory / "server.ext").write_text(_SERVER_EXTENSIONS)
+    ips = dict.fromkeys(["127.0.0.1", *hosts])  # in order, once each
+    alt_names = ", ".join(["DNS:localhost", *(f"IP:{ip}" for ip in ips)])
+    (directory / "server.ext").write_text(f"{_SERVER_EXTENSIONS}subjectAltName = {alt_names}\n")
     new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     commands = [
         ["openssl", "req", "-x509", *new_key, "-keyout", "ca.key", "-out", "ca.pem",

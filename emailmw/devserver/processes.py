@@ -123,12 +123,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def listening_ports(pid: int) -> set[int]:
-    """Loopback TCP ports on which process ``pid`` holds a listening socket.
+def listening_ports(pid: int, host: str = "127.0.0.1") -> set[int]:
+    """TCP ports on which process ``pid`` listens on ``host`` (an IPv4 address) or on any.
 
     Read from /proc without connecting (no log noise, no spawned login process);
     another process listening on the same port does not count.
     """
+    wanted = {socket.inet_aton(host)[::-1].hex().upper(), "00000000"}  # /proc's byte order
     inodes: set[str] = set()
     with contextlib.suppress(OSError):
         for fd in os.scandir(f"/proc/{pid}/fd"):
@@ -142,17 +143,17 @@ def listening_ports(pid: int) -> set[int]:
         for line in f:
             fields = line.split()
             addr, port = fields[1].split(":")
-            if fields[3] == "0A" and addr in ("0100007F", "00000000") and fields[9] in inodes:
+            if fields[3] == "0A" and addr in wanted and fields[9] in inodes:
                 ports.add(int(port, 16))
     return ports
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that were free a moment ago (bound to port 0, then closed)."""
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct ports of ``host`` that were free a moment ago (bound to port 0, then closed)."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(count)]
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
         return [s.getsockname()[1] for s in socks]
 
 
@@ -206,8 +207,9 @@ def await_ready(
     sockets: Sequence[pathlib.Path],
     logs: Sequence[pathlib.Path],
     timeout: float,
+    host: str = "127.0.0.1",
 ) -> None:
-    """Wait until ``proc`` listens on every loopback port and every unix socket exists.
+    """Wait until ``proc`` listens on every port of ``host`` and every unix socket exists.
 
     Raises :class:`DevServerError` (:class:`PortInUseError` if the logs say a
     port is in use) with the tails of ``logs`` if ``proc`` exits meanwhile or
@@ -217,7 +219,7 @@ def await_ready(
     def ready() -> bool:
         if proc is None or not proc.alive():
             raise _start_error(f"{what} exited during start", *logs)
-        return set(ports) <= listening_ports(proc.pid) and all(p.exists() for p in sockets)
+        return set(ports) <= listening_ports(proc.pid, host) and all(p.exists() for p in sockets)
 
     if not wait_until(ready, timeout):
         raise DevServerError(

@@ -21,6 +21,7 @@ import atexit
 import base64
 import contextlib
 import imaplib
+import ipaddress
 import json
 import logging
 import os
@@ -161,9 +162,15 @@ class DevServer:
     (:mod:`emailmw.devserver.oauth2`); :meth:`mint_token` makes them,
     :meth:`revoke_token` revokes one, :meth:`token_command` is a command that
     prints one. Passwords keep working (PLAIN, LOGIN).
+    ``host`` is the loopback address every daemon listens on (and Postfix
+    sends from); Linux routes all of 127.0.0.0/8 to ``lo``, so servers of
+    different domains can each have their own address with no setup
+    (:class:`~emailmw.devserver.Federation`). :meth:`relay` routes another
+    domain's mail to its server.
     """
 
     host: str = "127.0.0.1"
+    """The IPv4 loopback address of every listener (the server certificate names it)."""
 
     def __init__(
         self,
@@ -171,6 +178,7 @@ class DevServer:
         accounts: Sequence[str] = ("alice", "bob"),
         domain: str = "example.test",
         auth: str = "password",
+        host: str = "127.0.0.1",
         *,
         rmw_email_compat: bool = False,
         rmw_email_ports: bool = False,
@@ -184,6 +192,8 @@ class DevServer:
         self._domain = domain
         self._rmw_email_compat = rmw_email_compat
         self._rmw_email_ports = rmw_email_ports
+        self.host = _loopback_ipv4(host)
+        self._relays: dict[str, tuple[str, int]] = {}  # domain -> (host, SMTP port)
         self._lock = threading.RLock()
         self._accounts: dict[str, DevAccount] = {}
         self._refusals: dict[str, str] = {}  # address -> scripted RCPT TO reply
@@ -260,6 +270,11 @@ class DevServer:
     def running(self) -> bool:
         """True while both masters are alive."""
         return all(p is not None and p.alive() for p in (self._dovecot, self._postfix))
+
+    @property
+    def postfix_running(self) -> bool:
+        """True while Postfix's master is alive (SMTP accepted)."""
+        return self._postfix is not None and self._postfix.alive()
 
     def _port(self, name: str) -> int:
         try:
@@ -430,6 +445,44 @@ class DevServer:
             )
         logger.debug("%s %.3f s after reload", goal, time.monotonic() - started)
 
+    # -------------------------------------------------------------- relays
+
+    def relay(self, domain: str, host: str, port: int) -> None:
+        """Send mail for ``domain`` to the SMTP server at ``host:port``, as an MX
+        record would (a Postfix transport map entry, no DNS): Postfix queues it
+        and retries every second or two while that server is unreachable.
+
+        Kept across restarts. While running, Postfix restarts to take it (about
+        0.06 s; SMTP connections drop, the queue stays), so that the next email
+        is routed by the new map.
+        """
+        domain = domain.lower()
+        if not _DOMAIN_RE.match(domain):
+            raise ValueError(f"invalid mail domain {domain!r}")
+        if domain == self._domain:
+            raise ValueError(f"{domain} is this server's own domain: it cannot relay to itself")
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid SMTP port {port} for relay to {domain}")
+        target = (_loopback_ipv4(host), port)
+        with self._lock:
+            if self._relays.get(domain) == target:
+                return
+            self._relays[domain] = target
+            if self._postfix_dir.exists():
+                self._write_transport()
+            if self._postfix is not None and self._postfix.alive():
+                self.restart_postfix()
+
+    @property
+    def relays(self) -> dict[str, tuple[str, int]]:
+        """The domains :meth:`relay` routes: domain -> ``(host, port)`` (a copy)."""
+        with self._lock:
+            return dict(self._relays)
+
+    def _write_transport(self) -> None:
+        lines = "".join(f"{d} smtp:[{h}]:{p}\n" for d, (h, p) in self._relays.items())
+        write_atomic(self._postfix_dir / "transport", lines, backdate=True)
+
     def _write_recipient_access(self) -> None:
         lines = "".join(f"{address} {reply}\n" for address, reply in self._refusals.items())
         write_atomic(self._postfix_dir / "recipient_access", lines, backdate=True)
@@ -469,7 +522,8 @@ class DevServer:
                 _check_rmw_email_ports()
             for attempt in range(3):
                 if fresh_ports:
-                    self._ports = dict(zip(_PORT_NAMES, free_ports(4), strict=True))
+                    ports = free_ports(4, self.host)
+                    self._ports = dict(zip(_PORT_NAMES, ports, strict=True))
                     if self._rmw_email_ports:
                         self._ports.update(RMW_EMAIL_PORTS)
                 self._prepare()
@@ -555,6 +609,7 @@ class DevServer:
                 sockets=(run / "lmtp", run / "auth-postfix"),
                 logs=(out_path, self._dovecot_log),
                 timeout=timeout,
+                host=self.host,
             )
             if self._postfix is not None and self._postfix.alive():
                 # deliver now what was deferred while Dovecot was down
@@ -609,6 +664,7 @@ class DevServer:
                 sockets=(),
                 logs=(self._postfix_log,),
                 timeout=timeout,
+                host=self.host,
             )
 
     def stop_postfix(self) -> None:
@@ -661,7 +717,11 @@ class DevServer:
             path.mkdir(exist_ok=True)
             os.chown(path, uid, gid)
             path.chmod(mode)
-        make_certs(self._path("tls"), ca_name=f"emailmw dev CA {self._instance}")
+        make_certs(
+            self._path("tls"),
+            ca_name=f"emailmw dev CA {self._instance}",
+            hosts=(self.host,),
+        )
         oauth2_args = None
         if self._auth == "oauth2":
             issuer = TokenIssuer(self._root)
@@ -674,12 +734,14 @@ class DevServer:
             imap_port=self.imap_port,
             imaps_port=self.imaps_port,
             oauth2_args=oauth2_args,
+            host=self.host,
         )
         write_atomic(self._dovecot_conf, dovecot_conf)
         main_cf = postfix_main_cf(
             self._root,
             instance=self._instance,
             domain=self._domain,
+            host=self.host,
             rmw_email_compat=self._rmw_email_compat,
         )
         if self._rmw_email_compat:
@@ -689,10 +751,13 @@ class DevServer:
                 backdate=True,
             )
         write_atomic(self._postfix_dir / "main.cf", main_cf, backdate=True)
-        master_cf = postfix_master_cf(smtp_port=self.smtp_port, smtps_port=self.smtps_port)
+        master_cf = postfix_master_cf(
+            smtp_port=self.smtp_port, smtps_port=self.smtps_port, host=self.host
+        )
         write_atomic(self._postfix_dir / "master.cf", master_cf, backdate=True)
         self._write_account_files()
         self._write_recipient_access()
+        self._write_transport()
 
     # -------------------------------------------------------------- test helpers
 
@@ -921,6 +986,20 @@ def _is_scripted(got: tuple[int, str] | None, reply: str) -> bool:
         and text.startswith(match["status"] + " ")
         and text.endswith(": " + match["text"])
     )
+
+
+def _loopback_ipv4(host: str) -> str:
+    """``host`` if it is an IPv4 loopback address (127.0.0.0/8); else ValueError."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"invalid host {host!r}: want an IPv4 address in 127.0.0.0/8") from None
+    if address.version != 4 or not address.is_loopback:
+        raise ValueError(
+            f"host {host!r} is not an IPv4 loopback address (127.0.0.0/8): "
+            "the dev server never listens outside this machine"
+        )
+    return str(address)
 
 
 def _quote(mailbox: str) -> str:
