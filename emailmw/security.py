@@ -135,12 +135,16 @@ class _ReplayMemory:
     def preload(self, groups: list[tuple[float, array[int]]]) -> None:
         """Remember ``groups`` (from a journal: expiry time and digests, oldest first),
         frozen into sorted arrays of at most the hot set's size each (so that sorting
-        one takes little memory), before anything is added."""
-        for expires, digests in groups:
+        one takes little memory), before anything is added. Empties ``groups`` as it
+        goes, so that each group is freed once it is frozen."""
+        groups.reverse()
+        while groups:
+            expires, digests = groups.pop()
             for start in range(0, len(digests), self._hot_limit):
                 piece = array("Q", sorted(digests[start : start + self._hot_limit]))
                 self._frozen.append((expires, piece))
                 self._size += len(piece)
+            del digests
 
     def track_unwritten(self) -> None:
         """Keep what :meth:`add` accepts for :meth:`take_unwritten` from now on."""

@@ -162,32 +162,34 @@ class ReplaySlot:
         expired ones are deleted from the file first."""
         store = self.store
         self._prune(now)
-        with store._lock:
+        groups: list[tuple[float, array[int]]] = []
+        with store._lock:  # rows are read one by one: only the arrays take memory
             db = store._open_db()
             try:
                 rows = db.execute(
                     "SELECT expires, digests FROM replay_digests WHERE key = ? AND expires >= ? "
                     "ORDER BY expires",
                     (self.key, now),
-                ).fetchall()
+                )
+                for expires, blob in rows:
+                    if (
+                        not isinstance(blob, bytes)
+                        or len(blob) % 8
+                        or not isinstance(expires, float)
+                    ):
+                        raise StateStoreError(
+                            f"the state store {store.path} is damaged: a batch of replay digests "
+                            f"of {self.key!r} is not a list of 8-byte digests; delete the file "
+                            f"(or the slot) to start afresh"
+                        )
+                    if not groups or groups[-1][0] != expires:
+                        groups.append((expires, array("Q")))
+                    groups[-1][1].frombytes(blob)
             except sqlite3.Error as exc:
                 raise StateStoreError(f"cannot read the state store {store.path}: {exc}") from exc
-        groups: list[tuple[float, array[int]]] = []  # newest first while building
-        while rows:
-            expires, blob = rows.pop()  # each batch is freed once copied
-            if not isinstance(blob, bytes) or len(blob) % 8 or not isinstance(expires, float):
-                raise StateStoreError(
-                    f"the state store {store.path} is damaged: a batch of replay digests of "
-                    f"{self.key!r} is not a list of 8-byte digests; delete the file (or the "
-                    f"slot) to start afresh"
-                )
-            if not groups or groups[-1][0] != expires:
-                groups.append((expires, array("Q")))
-            groups[-1][1].frombytes(blob)
         if sys.byteorder != "little":
             for _, digests in groups:
                 digests.byteswap()
-        groups.reverse()
         return groups
 
     def write(self, batches: list[tuple[float, array[int]]], now: float) -> None:
