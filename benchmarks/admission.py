@@ -7,6 +7,7 @@ per email (500 emails/s), so the memory fills as it would under that load.
     python benchmarks/admission.py                 # readable table
     python benchmarks/admission.py --json          # machine-readable
     python benchmarks/admission.py --n 2000000     # fill the memory to its capacity
+    python benchmarks/admission.py --journal       # the memory kept in a state store
 
 What is measured:
 
@@ -18,6 +19,10 @@ What is measured:
   and the peak while filling it (filled through the memory's own methods: with
   tracing on, signing and verifying that many emails would take minutes).
 * frozen slices searched per lookup at the end (at most about 33).
+* with ``--journal``: the same, with the replay memory kept in a state store's
+  replay slot (a temporary directory), as a context on a mail server keeps it;
+  then the time to load those ids into a new policy (a restart), and the file's
+  size.
 
 The emails are re-stamped and re-signed copies of one email: the policy keeps
 only a digest of each Message-ID. The benchmark only prints; nothing is asserted.
@@ -29,11 +34,14 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 from emailmw.info import HEADER_PUBLISHER_GID, HEADER_SOURCE_TIMESTAMP
 from emailmw.security import AdmissionPolicy, sign_email, verify_signature
+from emailmw.state_store import StateStore
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 
 KEY = b"benchmark signing key, 32 bytes!"
@@ -63,11 +71,14 @@ def make_email() -> EmailData:
     )
 
 
-def run(n: int, max_age: float) -> dict[str, float]:
-    """Admit ``n`` signed emails through ``check()``, timing each call."""
+def run(n: int, max_age: float, state_dir: Path | None = None) -> dict[str, float]:
+    """Admit ``n`` signed emails through ``check()``, timing each call (with the
+    replay memory kept in a state store in ``state_dir`` if given)."""
     clock = FakeClock()
     email = make_email()
-    policy = AdmissionPolicy(KEY, max_age=max_age, clock=clock)
+    store = StateStore(state_dir) if state_dir is not None else None
+    slot = store.claim_replay("benchmark") if store is not None else None
+    policy = AdmissionPolicy(KEY, max_age=max_age, clock=clock, journal=slot)
     check_ns = 0
     slice_ns: list[float] = []
     slice_size = max(n // 10, 1)
@@ -87,6 +98,21 @@ def run(n: int, max_age: float) -> dict[str, float]:
         if (index + 1) % slice_size == 0:
             slice_ns.append(in_slice / slice_size)
             in_slice = 0
+    extra: dict[str, float] = {}
+    if store is not None and state_dir is not None:
+        start = time.perf_counter_ns()
+        policy.close()  # the last batch written, the slot released
+        extra["close_ms"] = (time.perf_counter_ns() - start) / 1e6
+        start = time.perf_counter_ns()
+        slot = store.claim_replay("benchmark")
+        loaded = AdmissionPolicy(KEY, max_age=max_age, clock=clock, journal=slot)
+        extra["load_s"] = (time.perf_counter_ns() - start) / 1e9
+        extra["loaded"] = loaded.remembered
+        loaded.close()
+        store.close()
+        extra["state_file_mb"] = (
+            sum(f.stat().st_size for f in state_dir.glob("state.sqlite3*")) / 2**20
+        )
     verify_ns = []
     for _ in range(5):
         start = time.perf_counter_ns()
@@ -101,7 +127,7 @@ def run(n: int, max_age: float) -> dict[str, float]:
         "check_us_last_10pct": slice_ns[-1] / 1000 if slice_ns else 0.0,
         "verify_signature_us": min(verify_ns) / 1000,
         "frozen_slices": policy._memory.slices,
-    }
+    } | extra
 
 
 def measure_memory(n: int, max_age: float) -> dict[str, float]:
@@ -135,8 +161,13 @@ def main() -> None:
     parser.add_argument("--memory-n", type=int, default=2_000_000, help="ids to hold")
     parser.add_argument("--max-age", type=float, default=24 * 3600.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--journal", action="store_true", help="keep the replay memory in a state store"
+    )
     args = parser.parse_args()
-    result = run(args.n, args.max_age) | measure_memory(args.memory_n, args.max_age)
+    with tempfile.TemporaryDirectory(prefix="emailmw-bench-") as tmp:
+        state_dir = Path(tmp) if args.journal else None
+        result = run(args.n, args.max_age, state_dir) | measure_memory(args.memory_n, args.max_age)
     if args.json:
         result["python"] = platform.python_version()  # type: ignore[assignment]
         json.dump(result, sys.stdout, indent=2)
@@ -157,6 +188,10 @@ def main() -> None:
     print(f"    peak while filling           {result['replay_memory_peak_bytes'] / 2**20:8.1f} MiB")
     print(f"    per remembered id            {result['bytes_per_id']:8.1f} bytes")
     print(f"  frozen slices searched         {result['frozen_slices']:8d}")
+    if args.journal:
+        print(f"  state store: close (last write) {result['close_ms']:7.1f} ms")
+        print(f"    restart: load {result['loaded']:.0f} ids     {result['load_s']:8.2f} s")
+        print(f"    file size                    {result['state_file_mb']:8.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from emailmw.aio import AsyncContextMixin
 from emailmw.dispatch.core import DeliveryCore
@@ -70,6 +71,16 @@ def _create_transport(options: Options, stats: StatsCounters) -> tuple[EmailSend
     )
 
 
+def _replay_key(options: Options) -> str:
+    """The replay slot of the account and mailbox that ``options`` read:
+    ``imap://<username, %-quoted>@<host>:<port>/<mailbox>``."""
+    assert options.user is not None
+    server = options.user.imap
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    mailbox = "INBOX" if options.mailbox.upper() == "INBOX" else options.mailbox
+    return f"imap://{quote(options.user.username, safe='')}@{host.lower()}:{server.port}/{mailbox}"
+
+
 def _resolve_options(options: OptionsLike) -> Options:
     if options is None:
         return Options.load()
@@ -109,7 +120,9 @@ class Context(AsyncContextMixin):
         self._receiver: EmailReceiver | None = None
         self._core: DeliveryCore | None = None
         self._polling_manager: PollingManager | None = None
-        self._state_store_: StateStore | None = None  # opened by the first durable subscription
+        # opened by the first durable subscription, or by init() for the replay memory
+        self._state_store_: StateStore | None = None
+        self._admission: AdmissionPolicy | None = None
         self._durable_cursors: weakref.WeakSet[DurableCursor] = weakref.WeakSet()
         self._metrics_server: MetricsServer | None = None
         self._ran = False  # it was running once (connection_state: closed, not failed)
@@ -137,6 +150,7 @@ class Context(AsyncContextMixin):
             self._state = ContextState.STARTING
         try:
             self._start_metrics_server()
+            admission = self._admission_policy(key)
             sender.connect()
             receiver.connect()
         except BaseException as exc:
@@ -145,15 +159,13 @@ class Context(AsyncContextMixin):
                 self._state = ContextState.SHUT_DOWN
                 self._auth_failed = isinstance(exc, AuthenticationError)
             self._close_transport()
+            self._close_state()
             if aborted:
                 raise ContextError("context was shut down while connecting") from None
             raise
         if key is not None:
             sender = SigningSender(sender, key)
             self._sender = sender
-        admission = AdmissionPolicy(
-            key, max_age=self._options.max_age, allowed_senders=self._options.allowed_senders
-        )
         core = DeliveryCore(
             self._stats,
             reorder_window=self._options.reorder_window,
@@ -176,6 +188,7 @@ class Context(AsyncContextMixin):
                 polling_manager.start()
         if aborted:
             self._close_transport()
+            self._close_state()
             raise ContextError("context was shut down while connecting")
         logger.info(
             "context running (%s)",
@@ -239,13 +252,44 @@ class Context(AsyncContextMixin):
                 except Exception:
                     logger.exception("error while closing %r", closeable)
 
+    def _admission_policy(self, key: bytes | None) -> AdmissionPolicy:
+        """The admission policy of received emails. With a key, on a mail server, its
+        replay memory is kept in the state store's replay slot for the account and
+        mailbox if no other context holds it (else in memory only)."""
+        options = self._options
+        slot = None
+        if key is not None and not options.intraprocess and options.user is not None:
+            store = self._state_store()
+            slot = store.claim_replay(_replay_key(options))
+        admission = AdmissionPolicy(
+            key,
+            max_age=options.max_age,
+            allowed_senders=options.allowed_senders,
+            journal=slot,
+        )
+        with self._lock:
+            self._admission = admission
+        return admission
+
+    def _state_store(self) -> StateStore:
+        """The state store (opened on first use, at ``state-dir``)."""
+        with self._lock:
+            store = self._state_store_
+            if store is None:
+                store = self._state_store_ = StateStore(self._options.resolved_state_dir())
+            return store
+
     def _close_state(self) -> None:
-        """Release the durable subscriptions' names and close the state store."""
+        """Release the durable subscriptions' names and the replay slot (writing the
+        replay memory), and close the state store."""
         with self._lock:
             cursors = list(self._durable_cursors)
+            admission, self._admission = self._admission, None
             store, self._state_store_ = self._state_store_, None
         for cursor in cursors:
             cursor.close()
+        if admission is not None:
+            admission.close()
         if store is not None:
             store.close()
 

@@ -21,6 +21,15 @@ it is dispatched:
       Accepted ids are remembered until they are too old to pass the age check,
       up to :data:`REPLAY_MEMORY_CAPACITY` of them; while that memory is full a
       new email is refused (``replay_memory_full``), never an id forgotten early.
+
+Across restarts
+    Given a :class:`ReplayJournal` (the context gives its state store's replay slot
+    for the account and mailbox), the replay memory takes the journal's salt, starts
+    with the digests it holds that have not expired, and writes every digest it
+    accepts to it: in batches, from a thread of its own, at most
+    :data:`REPLAY_FLUSH_INTERVAL` seconds after acceptance, and at :meth:`close
+    <AdmissionPolicy.close>`. A process killed in between forgets what it accepted
+    in that last interval.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
 from hashlib import blake2b
+from typing import Protocol
 
 from emailmw.info import HEADER_SOURCE_TIMESTAMP, Timestamp
 from emailmw.stats import DropReason
@@ -47,9 +57,11 @@ from emailmw.transport.signing import (
 
 __all__ = [
     "MAX_CLOCK_SKEW",
+    "REPLAY_FLUSH_INTERVAL",
     "REPLAY_MEMORY_CAPACITY",
     "SIGNATURE_HEADER",
     "AdmissionPolicy",
+    "ReplayJournal",
     "compute_signature",
     "sign_email",
     "verify_signature",
@@ -63,6 +75,27 @@ MAX_CLOCK_SKEW = 300.0
 #: each: see docs/security.md). While full, new signed emails are refused.
 REPLAY_MEMORY_CAPACITY = 2_000_000
 _FULL_LOG_EVERY = 60.0  # seconds between WARNINGs while the replay memory stays full
+#: The longest a digest accepted by a replay memory with a journal waits before it is
+#: written to the journal (seconds).
+REPLAY_FLUSH_INTERVAL = 1.0
+
+
+class ReplayJournal(Protocol):
+    """Where a replay memory keeps its digests across restarts (implemented by the
+    state store's :class:`~emailmw.state_store.ReplaySlot`)."""
+
+    @property
+    def salt(self) -> bytes:
+        """The salt of the digests (the same for every process that uses the journal)."""
+
+    def load(self, now: float) -> list[tuple[float, array[int]]]:
+        """The digests not expired at ``now``: (expiry time, digests), oldest first."""
+
+    def write(self, batches: list[tuple[float, array[int]]], now: float) -> None:
+        """Add ``batches`` of (expiry time, digests); may raise on a storage failure."""
+
+    def release(self) -> None:
+        """Give the journal up (nothing is written afterwards)."""
 
 
 def _normalize_sender(entry: str) -> str:
@@ -83,16 +116,56 @@ class _ReplayMemory:
 
     _SLICES = 16
 
-    def __init__(self, retention: float, capacity: int, now: float) -> None:
+    def __init__(
+        self, retention: float, capacity: int, now: float, salt: bytes | None = None
+    ) -> None:
         self._retention = retention
         self._width = max(retention / self._SLICES, 1.0)
         self._hot_limit = max(capacity // self._SLICES, 1)
-        self._salt = os.urandom(16)
+        self._salt = os.urandom(16) if salt is None else salt
         self._hot: set[int] = set()
         self._hot_end = now + self._width
         # (forget after this time, sorted digests), oldest first
         self._frozen: deque[tuple[float, array[int]]] = deque()
         self._size = 0
+        # accepted, not yet written to the journal: (expiry, digests), oldest first;
+        # None without a journal
+        self._unwritten: list[tuple[float, array[int]]] | None = None
+
+    def preload(self, groups: list[tuple[float, array[int]]]) -> None:
+        """Remember ``groups`` (from a journal: expiry time and digests, oldest first),
+        frozen into sorted arrays of at most the hot set's size each (so that sorting
+        one takes little memory), before anything is added. Empties ``groups`` as it
+        goes, so that each group is freed once it is frozen."""
+        groups.reverse()
+        while groups:
+            expires, digests = groups.pop()
+            for start in range(0, len(digests), self._hot_limit):
+                piece = array("Q", sorted(digests[start : start + self._hot_limit]))
+                self._frozen.append((expires, piece))
+                self._size += len(piece)
+            del digests
+
+    def track_unwritten(self) -> None:
+        """Keep what :meth:`add` accepts for :meth:`take_unwritten` from now on."""
+        self._unwritten = []
+
+    def take_unwritten(self) -> list[tuple[float, array[int]]]:
+        """What was accepted since the last call (expiry time, digests), oldest first."""
+        unwritten = self._unwritten
+        if not unwritten:
+            return []
+        self._unwritten = []
+        return unwritten
+
+    def stop_tracking(self) -> None:
+        """Keep nothing more for the journal (it is closed)."""
+        self._unwritten = None
+
+    def give_back_unwritten(self, batches: list[tuple[float, array[int]]]) -> None:
+        """Put ``batches`` (taken, then not written) back before what came since."""
+        if self._unwritten is not None:
+            self._unwritten[:0] = batches
 
     def __len__(self) -> int:
         return self._size
@@ -126,12 +199,22 @@ class _ReplayMemory:
                 return True
         return False
 
-    def add(self, digest: int) -> None:
-        """Remember ``digest`` (accepted now, after :meth:`expire`)."""
+    def add(self, digest: int) -> bool:
+        """Remember ``digest`` (accepted now, after :meth:`expire`). True if it is the
+        first digest waiting to be written to the journal."""
         self._hot.add(digest)
         self._size += 1
+        first = False
+        unwritten = self._unwritten
+        if unwritten is not None:
+            expires = self._hot_end + self._retention  # when its slice will expire
+            if not unwritten or unwritten[-1][0] != expires:
+                first = not unwritten
+                unwritten.append((expires, array("Q")))
+            unwritten[-1][1].append(digest)
         if len(self._hot) >= self._hot_limit:
             self._freeze()
+        return first
 
     @property
     def slices(self) -> int:
@@ -153,6 +236,12 @@ class AdmissionPolicy:
     full, new emails are refused (``replay_memory_full``, logged at WARNING)
     rather than any id forgotten early. ``clock`` (seconds since the epoch,
     default :func:`time.time`) is the wall clock that ages are measured with.
+
+    ``journal`` (with a key): the replay memory starts with the journal's digests
+    and salt, and writes what it accepts to it from a thread of its own
+    (``emailmw-replay``), at most :data:`REPLAY_FLUSH_INTERVAL` seconds later.
+    The policy owns the journal from then on (also if this constructor raises):
+    :meth:`close` writes the rest and releases it.
     """
 
     def __init__(
@@ -163,6 +252,7 @@ class AdmissionPolicy:
         allowed_senders: Iterable[str] = (),
         capacity: int | None = None,
         clock: Callable[[], float] = time.time,
+        journal: ReplayJournal | None = None,
     ) -> None:
         self._key = key
         self._max_age = max_age
@@ -177,10 +267,35 @@ class AdmissionPolicy:
         self._capacity = REPLAY_MEMORY_CAPACITY if capacity is None else capacity
         if self._capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {self._capacity}")
-        self._memory = _ReplayMemory(max_age + MAX_CLOCK_SKEW, self._capacity, clock())
         self._refused_full = 0  # refused since the memory last had room
         self._full_logged_at: float | None = None
         self._lock = threading.Lock()
+        self._journal = journal
+        self._unwritten_ready = threading.Event()  # something waits to be written
+        self._closing = threading.Event()
+        self._writer: threading.Thread | None = None
+        now = clock()
+        if journal is None:
+            self._memory = _ReplayMemory(max_age + MAX_CLOCK_SKEW, self._capacity, now)
+            return
+        try:
+            if key is None:
+                raise ValueError("a replay journal needs a signing key")
+            self._memory = _ReplayMemory(
+                max_age + MAX_CLOCK_SKEW, self._capacity, now, salt=journal.salt
+            )
+            self._memory.preload(journal.load(now))
+        except BaseException:
+            journal.release()
+            raise
+        self._memory.track_unwritten()
+        logger.info(
+            "replay memory: %d signed email(s) accepted before remembered from %s",
+            len(self._memory),
+            journal,
+        )
+        self._writer = threading.Thread(target=self._write_loop, name="emailmw-replay", daemon=True)
+        self._writer.start()
 
     @property
     def active(self) -> bool:
@@ -252,7 +367,8 @@ class AdmissionPolicy:
             if len(memory) >= self._capacity:
                 self._refuse_full(now)
                 return DropReason.REPLAY_MEMORY_FULL
-            memory.add(digest)
+            if memory.add(digest):
+                self._unwritten_ready.set()
             if self._refused_full:
                 logger.warning(
                     "the replay memory has room again; %d new signed email(s) were refused "
@@ -262,6 +378,77 @@ class AdmissionPolicy:
                 self._refused_full = 0
                 self._full_logged_at = None
         return None
+
+    @property
+    def persistent(self) -> bool:
+        """True if the replay memory is written to a journal (it survives a restart)."""
+        return self._writer is not None
+
+    def close(self) -> None:
+        """Write what the replay memory accepted and has not written yet to the journal,
+        and release the journal. Idempotent; without a journal it does nothing. The
+        policy still admits afterwards, remembering in memory only."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        self._closing.set()
+        self._unwritten_ready.set()
+        writer.join(timeout=10.0)
+        if writer.is_alive():
+            logger.warning("the replay memory's writer did not finish within 10 s")
+        with self._lock:
+            self._memory.stop_tracking()
+        assert self._journal is not None
+        self._journal.release()
+
+    def _write_loop(self) -> None:
+        """The ``emailmw-replay`` thread: write what was accepted, in batches."""
+        failing = False
+        while True:
+            self._unwritten_ready.wait()  # idle: no wake-ups
+            closing = self._closing.wait(REPLAY_FLUSH_INTERVAL)  # gather a batch
+            self._unwritten_ready.clear()
+            failing = self._write_unwritten(failing, closing)
+            if closing:
+                return
+
+    def _write_unwritten(self, failing: bool, closing: bool) -> bool:
+        """Write what was accepted since the last write; True if that failed."""
+        journal = self._journal
+        assert journal is not None
+        with self._lock:
+            batches = self._memory.take_unwritten()
+        if not batches:
+            return failing
+        try:
+            journal.write(batches, self._clock())
+        except Exception as exc:
+            count = sum(len(digests) for _, digests in batches)
+            if closing:
+                logger.error(
+                    "cannot write the replay memory to %s: %s; the last %d signed email(s) "
+                    "accepted are forgotten when this process stops",
+                    journal,
+                    exc,
+                    count,
+                )
+                return True
+            now = self._clock()
+            with self._lock:  # retried at the next write; the expired ones need not be
+                self._memory.give_back_unwritten([b for b in batches if b[0] >= now])
+            self._unwritten_ready.set()
+            if not failing:
+                logger.warning(
+                    "cannot write the replay memory to %s: %s; retrying every %g s (a restart "
+                    "meanwhile forgets the signed emails accepted since)",
+                    journal,
+                    exc,
+                    REPLAY_FLUSH_INTERVAL,
+                )
+            return True
+        if failing:
+            logger.warning("the replay memory is written to %s again", journal)
+        return False
 
     def _refuse_full(self, now: float) -> None:
         """Count and log (at most once a minute) a refusal for a full memory (lock held)."""

@@ -11,6 +11,16 @@ from mailstack import dev_mailbox, dev_server  # noqa: F401  (fixtures)
 import emailmw
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same for module- and session-scoped fixtures, which run before the
+    per-test one below (a signing context on a mail server opens the state store
+    for its replay memory)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("session-state")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Durable subscriptions keep their state under a fresh $XDG_STATE_HOME, never in
