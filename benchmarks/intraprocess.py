@@ -586,6 +586,7 @@ def plot(pyplot: Any, path: str, results: dict[str, dict[str, float]], args: Any
         unit="µs",
         fmt="{:.0f}",
     )
+    _plot.log_scale(latency, "y")
     latency.axhline(TARGET_P50_US, color="C3", linestyle="--", linewidth=0.8)
     latency.set_title(
         f"latency, {args.rounds:,} rounds each (dashed: p50 target {TARGET_P50_US:g} µs)"

@@ -1196,13 +1196,13 @@ def main(argv: list[str] | None = None) -> int:
                     late_modes, args.late_joins, results["floor"].get("p50_ms")
                 )
         for mode in modes:
-            with bench.phase(mode):
+            with bench.phase(f"stream {mode}"):
                 results["modes"][mode] = bench.stream(mode, args.messages, args.rate)
         if args.paired:
             with bench.phase("paired"):
                 results["paired"] = bench.paired(PAIRED_MODE, args.messages, args.rate)
         if args.idle_seconds > 0:
-            with bench.phase("idle"):
+            with bench.phase("idle subscribers"):
                 results["idle"] = bench.idle(modes, args.idle_seconds)
         if args.burst > 0:
             with bench.phase("burst floor"):

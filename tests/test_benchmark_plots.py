@@ -220,6 +220,7 @@ def test_plot_of_mailbox(tmp_path: Path) -> None:
     assert places == sorted(places)
     assert "plot: wrote" not in out
     assert "mailbox: floor 10/10 (100%)" in progress
+    assert "mailbox: stream poll-10ms 10/10 (100%)" in progress
     assert "mailbox: burst auto 20/20 (100%)" in progress
 
 
