@@ -8,6 +8,7 @@ per email (500 emails/s), so the memory fills as it would under that load.
     python benchmarks/admission.py --json          # machine-readable
     python benchmarks/admission.py --n 2000000     # fill the memory to its capacity
     python benchmarks/admission.py --journal       # the memory kept in a state store
+    python benchmarks/admission.py --plot admission.png   # also draw the results
 
 What is measured:
 
@@ -25,7 +26,8 @@ What is measured:
   size.
 
 The emails are re-stamped and re-signed copies of one email: the policy keeps
-only a digest of each Message-ID. The benchmark only prints; nothing is asserted.
+only a digest of each Message-ID. How far it got goes to stderr (a bar on a
+terminal). The benchmark only prints; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
+from emailmw._progress import ProgressReporter
 from emailmw.info import HEADER_PUBLISHER_GID, HEADER_SOURCE_TIMESTAMP
 from emailmw.security import AdmissionPolicy, sign_email, verify_signature
 from emailmw.state_store import StateStore
@@ -71,7 +75,12 @@ def make_email() -> EmailData:
     )
 
 
-def run(n: int, max_age: float, state_dir: Path | None = None) -> dict[str, float]:
+def run(
+    n: int,
+    max_age: float,
+    state_dir: Path | None = None,
+    progress: ProgressReporter | None = None,
+) -> dict[str, float]:
     """Admit ``n`` signed emails through ``check()``, timing each call (with the
     replay memory kept in a state store in ``state_dir`` if given)."""
     clock = FakeClock()
@@ -98,6 +107,8 @@ def run(n: int, max_age: float, state_dir: Path | None = None) -> dict[str, floa
         if (index + 1) % slice_size == 0:
             slice_ns.append(in_slice / slice_size)
             in_slice = 0
+            if progress is not None:
+                progress("check", index + 1, n)
     extra: dict[str, float] = {}
     if store is not None and state_dir is not None:
         start = time.perf_counter_ns()
@@ -130,7 +141,9 @@ def run(n: int, max_age: float, state_dir: Path | None = None) -> dict[str, floa
     } | extra
 
 
-def measure_memory(n: int, max_age: float) -> dict[str, float]:
+def measure_memory(
+    n: int, max_age: float, progress: ProgressReporter | None = None
+) -> dict[str, float]:
     """``tracemalloc`` bytes held by a replay memory of ``n`` ids. Filled through the
     memory's own ``expire()``/``add()``, as ``check()`` does (tracing would make
     signing and verifying ``n`` emails take minutes)."""
@@ -140,10 +153,13 @@ def measure_memory(n: int, max_age: float) -> dict[str, float]:
     policy = AdmissionPolicy(KEY, max_age=max_age, clock=clock, capacity=max(n, 1))
     memory = policy._memory
     peak_held = 0
+    step = max(n // 100, 1)
     for index in range(n):
         clock.now += 1.0 / RATE
         memory.expire(clock.now)
         memory.add(memory.digest(f"<{index}.{index * 7919}@bench.example>"))
+        if progress is not None and (index + 1) % step == 0:
+            progress("memory", index + 1, n)
     held = tracemalloc.get_traced_memory()[0] - before
     peak_held = tracemalloc.get_traced_memory()[1] - before
     tracemalloc.stop()
@@ -155,6 +171,38 @@ def measure_memory(n: int, max_age: float) -> dict[str, float]:
     }
 
 
+def plot(pyplot: Any, path: str, result: dict[str, float], n: int) -> None:
+    """The cost of ``check()`` next to the signature check alone, and the memory held."""
+    import _plot
+
+    fig, (cost, memory) = _plot.figure(pyplot, 2)
+    _plot.bars(
+        cost,
+        ["check(), mean", "check(), first 10 %", "check(), last 10 %", "verify_signature() alone"],
+        [
+            result["check_us_mean"],
+            result["check_us_first_10pct"],
+            result["check_us_last_10pct"],
+            result["verify_signature_us"],
+        ],
+        unit="µs",
+        fmt="{:.2f}",
+        colors=["C0", "C0", "C0", "C7"],
+    )
+    cost.set_title(f"per email, {n:,} signed emails at {RATE:g}/s (fake clock)")
+    _plot.bars(
+        memory,
+        ["held", "peak while filling"],
+        [result["replay_memory_bytes"] / 2**20, result["replay_memory_peak_bytes"] / 2**20],
+        unit="MiB",
+    )
+    memory.set_title(
+        f"replay memory of {result['memory_ids']:,.0f} ids: "
+        f"{result['bytes_per_id']:.1f} bytes per id"
+    )
+    _plot.save(pyplot, fig, path, "admission: what the replay memory costs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="emails to admit")
@@ -164,10 +212,26 @@ def main() -> None:
     parser.add_argument(
         "--journal", action="store_true", help="keep the replay memory in a state store"
     )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args()
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
+    progress = ProgressReporter(sys.stderr, "admission")
     with tempfile.TemporaryDirectory(prefix="emailmw-bench-") as tmp:
         state_dir = Path(tmp) if args.journal else None
-        result = run(args.n, args.max_age, state_dir) | measure_memory(args.memory_n, args.max_age)
+        result = run(args.n, args.max_age, state_dir, progress) | measure_memory(
+            args.memory_n, args.max_age, progress
+        )
+    progress.close()
+    if pyplot is not None:
+        plot(pyplot, args.plot, result, args.n)
     if args.json:
         result["python"] = platform.python_version()  # type: ignore[assignment]
         json.dump(result, sys.stdout, indent=2)

@@ -7,6 +7,7 @@ shows as a growing time per MB.
     python benchmarks/codec.py                   # readable table
     python benchmarks/codec.py --json            # machine-readable
     python benchmarks/codec.py --sizes 1 4 16 --repeat 5
+    python benchmarks/codec.py --plot codec.png  # also draw seconds per MB against size
 
 Shapes (each email is ``size`` MB of the one thing named):
 
@@ -25,8 +26,8 @@ Shapes (each email is ``size`` MB of the one thing named):
 
 Each number is the CPU time (``time.process_time``) of the fastest of
 ``--repeat`` decodes: CPU time rather than wall time, so that other processes
-on a shared machine disturb it less. The benchmark only prints; nothing here
-is asserted.
+on a shared machine disturb it less. How far it got goes to stderr (a bar on a
+terminal). The benchmark only prints; nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
+from emailmw._progress import ProgressReporter
 from emailmw.transport.codec import decode_email, encode_email
 from emailmw.transport.data import EmailContent, EmailData, EmailHeaders, EmailRecipients
 
@@ -137,14 +140,50 @@ def measure(shape: str, size_mb: float, repeat: int) -> dict[str, float | str]:
     }
 
 
+def plot(pyplot: Any, path: str, rows: list[dict[str, float | str]], repeat: int) -> None:
+    """Seconds per MB against the email's size, one line per shape: flat is linear."""
+    import _plot
+
+    fig, (ax,) = _plot.figure(pyplot, 1, size=(8.0, 4.5))
+    for shape in dict.fromkeys(str(row["shape"]) for row in rows):
+        mine = [row for row in rows if row["shape"] == shape]
+        ax.plot([r["mb"] for r in mine], [r["seconds_per_mb"] for r in mine], "o-", label=shape)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("email size (MB)")
+    ax.set_ylabel("decode CPU seconds per MB")
+    ax.set_title(f"decode_email, fastest of {repeat}; a flat line is linear in the size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _plot.save(pyplot, fig, path, "codec: decode time per MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.875, 1.75, 3.5, 7.0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args()
-    rows = [measure(shape, size, args.repeat) for shape in args.shapes for size in args.sizes]
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
+    progress = ProgressReporter(sys.stderr, "codec")
+    cases = [(shape, size) for shape in args.shapes for size in args.sizes]
+    rows = []
+    for done, (shape, size) in enumerate(cases):
+        progress("decode", done, len(cases))
+        rows.append(measure(shape, size, args.repeat))
+    progress("decode", len(cases), len(cases))
+    if pyplot is not None:
+        plot(pyplot, args.plot, rows, args.repeat)
     if args.json:
         json.dump({"python": sys.version.split()[0], "rows": rows}, sys.stdout, indent=2)
         print()

@@ -29,10 +29,12 @@ answers: how long until ``ConnectError``).
     python benchmarks/faults.py                  # every fault, 1000 messages each
     python benchmarks/faults.py --messages 300 --only kick --only dovecot-restart
     python benchmarks/faults.py --json
+    python benchmarks/faults.py --plot faults.png   # also draw each fault's timeline
 
 Needs the local mail stack (Debian's dovecot-imapd, dovecot-lmtpd, postfix; root).
-The module is also imported by ``tests/test_faults.py``, which asserts on the
-same runs. Nothing here asserts.
+Which fault it is at goes to stderr (a bar on a terminal). The module is also
+imported by ``tests/test_faults.py``, which asserts on the same runs. Nothing
+here asserts.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import emailmw
+from emailmw._progress import ProgressReporter
 from emailmw.devserver import DevServer
 
 __all__ = [
@@ -324,6 +327,9 @@ class StreamReport:
     subscriber_stats: dict[str, Any] = field(default_factory=dict)
     publisher_stats: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    #: for the plot, in seconds from the first publish() call: ``published`` {i: (start,
+    #: end)}, ``arrived`` {i: first arrival}, ``fault`` [begin, end] (not in the JSON)
+    timeline: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -402,6 +408,7 @@ def run_stream(
     fault_at = messages // 2 if fault_at is None else fault_at
     report = StreamReport(name, messages)
     started_at: dict[int, float] = {}
+    ended_at: dict[int, float] = {}
     durations: list[float] = []
     fault_window: list[float] = []
     reached = threading.Event()
@@ -436,7 +443,8 @@ def run_stream(
                     report.publish_errors[i] = f"{type(exc).__name__}: {exc}"
                 else:
                     report.sent += 1
-                durations.append(time.monotonic() - start)
+                ended_at[i] = time.monotonic()
+                durations.append(ended_at[i] - start)
             reached.set()
 
         injector = threading.Thread(target=inject, name="fault", daemon=True)
@@ -476,6 +484,14 @@ def run_stream(
         ]
         if after:
             report.recovery = min(after) - fault_begin
+    zero = min(started_at.values(), default=begin)
+    report.timeline = {
+        "published": {i: (at - zero, ended_at[i] - zero) for i, at in started_at.items()},
+        "arrived": {
+            int(m): at - zero for m, at in collector.first_arrival.items() if m in expected
+        },
+        "fault": [at - zero for at in fault_window],
+    }
     if report.lost and mailbox is not None:
         found, message_ids = _read_mailbox(*mailbox)
         report.lost_in_mailbox = {i: found.get(str(i), []) for i in report.lost}
@@ -688,13 +704,68 @@ def _table(reports: list[StreamReport]) -> str:
     return "\n".join(lines)
 
 
+def plot(
+    pyplot: Any, path: str, reports: list[StreamReport], init_rows: list[tuple[str, float, str]]
+) -> None:
+    """Each fault's timeline (publish() calls and deliveries against time, the fault
+    shaded), and the silent-init times."""
+    import _plot
+
+    fig, axes = _plot.figure(pyplot, len(reports) + bool(init_rows), size=(5.0, 3.0))
+    for ax, r in zip(axes, reports, strict=False):
+        published = r.timeline.get("published", {})
+        arrived = r.timeline.get("arrived", {})
+        fault = r.timeline.get("fault", [])
+        if len(fault) == 2:
+            ax.axvspan(fault[0], fault[1], color="C3", alpha=0.15, label="fault")
+        ok = [i for i in published if i not in r.publish_errors]
+        ax.scatter([published[i][0] for i in ok], ok, s=2, color="C0", label="publish() started")
+        ax.scatter(list(arrived.values()), list(arrived), s=2, color="C2", label="delivered")
+        failed = [i for i in published if i in r.publish_errors]
+        if failed:
+            starts = [published[i][0] for i in failed]
+            ax.scatter(starts, failed, s=12, marker="x", color="C3", label="publish() raised")
+        if r.lost:
+            starts = [published[i][0] for i in r.lost if i in published]
+            ax.scatter(starts, r.lost[: len(starts)], s=16, marker="v", color="k", label="lost")
+        recovery = f"{r.recovery:.2f} s" if r.recovery is not None else "-"
+        ax.set_title(
+            f"{r.fault}: recovery {recovery}, lost {len(r.lost)}, duplicated {r.duplicated}"
+        )
+        ax.set_xlabel("seconds since the first publish()")
+        ax.set_ylabel("message number")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", markerscale=3)
+    if init_rows:
+        _plot.bars(
+            axes[-1],
+            [f"init(), silent {which.upper()} server" for which, _, _ in init_rows],
+            [seconds for _, seconds, _ in init_rows],
+            unit="s",
+            fmt="{:.2f}",
+        )
+        axes[-1].set_title("until init() raised (timeout 1 s)")
+    messages = reports[0].messages if reports else 0
+    _plot.save(pyplot, fig, path, f"faults: {messages} messages per fault")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000, help="messages per fault")
     parser.add_argument("--only", action="append", choices=(*FAULTS, "silent-init"))
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--log", metavar="FILE", help="write emailmw's debug log to FILE")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args(argv)
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
     if args.log:
         logging.basicConfig(
             filename=args.log,
@@ -709,7 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     reports: list[StreamReport] = []
     init_rows: list[tuple[str, float, str]] = []
     started = time.monotonic()
-    for name in chosen:
+    progress = ProgressReporter(sys.stderr, "faults")
+    for done, name in enumerate(chosen):
+        progress("faults", done, len(chosen))
+        progress.close()  # the fault's own line follows the bar
         if name == "silent-init":
             with _server() as server:
                 for which in ("smtp", "imap"):
@@ -720,9 +794,15 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(report)
         if not args.json:
             sys.stderr.write(f"{name}: done in {report.elapsed:.1f} s\n")
+    progress("faults", len(chosen), len(chosen))
+    if pyplot is not None:
+        plot(pyplot, args.plot, reports, init_rows)
     if args.json:
         out = {
-            "faults": [asdict(r) | {"ok": r.ok} for r in reports],
+            "faults": [
+                {k: v for k, v in asdict(r).items() if k != "timeline"} | {"ok": r.ok}
+                for r in reports
+            ],
             "silent_init": [
                 {"server": w, "seconds": round(s, 3), "error": e} for w, s, e in init_rows
             ],

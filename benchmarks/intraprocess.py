@@ -6,6 +6,7 @@ dispatch, queues, waiting), with the intraprocess transport.
     python benchmarks/intraprocess.py            # readable table
     python benchmarks/intraprocess.py --json     # machine-readable
     python benchmarks/intraprocess.py --n 50000 --rounds 5000
+    python benchmarks/intraprocess.py --plot intraprocess.png   # also draw the results
 
 What is measured (all times from ``time.perf_counter_ns``):
 
@@ -38,7 +39,8 @@ What is measured (all times from ``time.perf_counter_ns``):
   because Linux carries it across fork and exec (a child of a large process
   would report its parent's peak).
 
-The benchmark only prints; nothing here is asserted.
+Which phase it is in goes to stderr (a bar on a terminal). The benchmark only
+prints; nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
 import emailmw
+from emailmw._progress import ProgressReporter
 
 TARGET_P50_US = 50.0
 TARGET_THROUGHPUT = 50_000.0
@@ -498,25 +502,42 @@ def main(argv: list[str] | None = None) -> int:
         "--idle", type=float, default=2.0, help="seconds of idle waiting for the CPU measurement"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.rounds < 1 or args.idle <= 0:
         parser.error("--n and --rounds must be >= 1, --idle > 0")
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
+    progress = ProgressReporter(sys.stderr, "intraprocess")
+    phases: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        # Throughput first: its peak RSS growth must not hide behind earlier phases.
+        ("throughput", lambda: bench_throughput(args.n)),
+        ("same_thread", lambda: bench_same_thread(args.rounds)),
+        ("typed", lambda: bench_typed(args.rounds)),
+        ("asyncio", lambda: bench_asyncio(args.rounds)),
+        ("cross_thread", lambda: bench_cross_thread(args.rounds)),
+        ("thread_hop_floor", lambda: bench_thread_hop_floor(args.rounds)),
+        ("service", lambda: bench_service(args.rounds)),
+        ("callback_dispatch", lambda: bench_callback_dispatch(args.rounds)),
+        ("idle_cpu", lambda: bench_idle_cpu(args.idle)),
+    ]
 
     started = time.perf_counter()
     results: dict[str, dict[str, float]] = {}
-    # Throughput first: its peak RSS growth must not hide behind earlier phases.
-    results["throughput"] = bench_throughput(args.n)
-    results["same_thread"] = bench_same_thread(args.rounds)
-    results["typed"] = bench_typed(args.rounds)
+    for done, (name, phase) in enumerate(phases):
+        progress("phases", done, len(phases))
+        results[name] = phase()
+    progress("phases", len(phases), len(phases))
     results["typed"]["p50_ratio_to_str"] = (
         results["typed"]["p50_us"] / results["same_thread"]["p50_us"]
     )
-    results["asyncio"] = bench_asyncio(args.rounds)
-    results["cross_thread"] = bench_cross_thread(args.rounds)
-    results["thread_hop_floor"] = bench_thread_hop_floor(args.rounds)
-    results["service"] = bench_service(args.rounds)
-    results["callback_dispatch"] = bench_callback_dispatch(args.rounds)
-    results["idle_cpu"] = bench_idle_cpu(args.idle)
     elapsed = time.perf_counter() - started
 
     rows = build_rows(results)
@@ -536,7 +557,56 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print_table(rows, info, elapsed)
+    if pyplot is not None:
+        plot(pyplot, args.plot, results, args)
     return 0
+
+
+def plot(pyplot: Any, path: str, results: dict[str, dict[str, float]], args: Any) -> None:
+    """Latency p50/p99 of each path next to the thread-hop floor, and throughput."""
+    import _plot
+
+    fig, (latency, throughput) = _plot.figure(pyplot, 2, size=(6.0, 3.6))
+    paths = {
+        "same\nthread": "same_thread",
+        "typed": "typed",
+        "asyncio": "asyncio",
+        "cross\nthread": "cross_thread",
+        "floor\n(bare lock)": "thread_hop_floor",
+        "callback": "callback_dispatch",
+        "service": "service",
+    }
+    _plot.grouped_bars(
+        latency,
+        list(paths),
+        {
+            "p50": [results[key]["p50_us"] for key in paths.values()],
+            "p99": [results[key]["p99_us"] for key in paths.values()],
+        },
+        unit="µs",
+        fmt="{:.0f}",
+    )
+    _plot.log_scale(latency, "y")
+    latency.axhline(TARGET_P50_US, color="C3", linestyle="--", linewidth=0.8)
+    latency.set_title(
+        f"latency, {args.rounds:,} rounds each (dashed: p50 target {TARGET_P50_US:g} µs)"
+    )
+    thr = results["throughput"]
+    _plot.bars(
+        throughput,
+        ["publish, then drain", "publish only", "drain only"],
+        [thr["msgs_per_s"], thr["publish_msgs_per_s"], thr["drain_msgs_per_s"]],
+        unit="msg/s",
+        fmt="{:,.0f}",
+    )
+    _plot.log_scale(throughput)
+    throughput.axvline(TARGET_THROUGHPUT, color="C3", linestyle="--", linewidth=0.8)
+    idle = results["idle_cpu"]
+    throughput.set_title(
+        f"throughput, {args.n:,} messages (dashed: target); idle CPU "
+        f"{idle['cpu_percent']:.2f} % of a core"
+    )
+    _plot.save(pyplot, fig, path, "intraprocess: latency and throughput")
 
 
 if __name__ == "__main__":

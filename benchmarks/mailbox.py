@@ -57,6 +57,7 @@ postfix, run as root) and prints, from one run, side by side:
     python benchmarks/mailbox.py --messages 50 --idle-seconds 5 --burst 300   # quick look
     python benchmarks/mailbox.py --modes auto,poll-10ms --no-paired --save out.json
     python benchmarks/mailbox.py --late-joiner-only       # floor + late joiner, ~1 minute
+    python benchmarks/mailbox.py --plot mailbox.png       # also draw latency CDFs, bars, joins
 
 How it measures:
 
@@ -83,9 +84,10 @@ How it measures:
   it waits at most ``STALL`` seconds for its first message (a join that gets
   nothing is counted as a timeout, not as a number).
 
-The module is named like the standard library's ``mailbox``: run it as a script,
-never import it as ``mailbox``. Nothing here asserts; the results go to
-``docs/performance.md``.
+Which phase it is in, and how many messages it sent, goes to stderr (a bar on a
+terminal). The module is named like the standard library's ``mailbox``: run it
+as a script, never import it as ``mailbox``. Nothing here asserts; the results go
+to ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ from typing import Any
 import imapclient
 
 import emailmw
+from emailmw._progress import ProgressReporter
 from emailmw.devserver import DevServer
 
 TOPIC = "/bench"
@@ -444,6 +447,30 @@ class Bench:
             account.address,
             account.password,
         )
+        #: where each phase reports how far it got (None: nowhere)
+        self.progress: ProgressReporter | None = None
+        self._phase, self._total = "", 1
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Report the phase ``name`` to :attr:`progress` while it runs (and its steps,
+        through :meth:`tick`)."""
+        self._phase, self._total = name, 1
+        self._report(0, 1)
+        try:
+            yield
+        finally:
+            self._report(self._total, self._total)
+
+    def tick(self, done: int, total: int) -> None:
+        """``done`` of the current phase's ``total`` steps are done."""
+        self._total = total
+        if done < total:
+            self._report(done, total)
+
+    def _report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(self._phase, done, total)
 
     def history(self, total: int, last: int) -> dict[str, Any]:
         """Fill a folder with ``total`` emails (every 100th on the topic), then time
@@ -491,6 +518,7 @@ class Bench:
             if len(batch) == 500 or i == total - 1:
                 client.multiappend(folder, batch)
                 batch = []
+                self.tick(i + 1, total)
         client.logout()
         fill_s = time.monotonic() - fill_started
         config = self.server.config(ACCOUNT, mailbox=folder, to=address)
@@ -558,6 +586,7 @@ class Bench:
                 sent_ns = time.monotonic_ns()
                 raw = raw_email(sender, address, stream_body(i, sent_ns))
                 smtp.sendmail(sender, [address], raw)
+                self.tick(i + 1, n)
             sent_done_ns = time.monotonic_ns()
             smtp.quit()
             result = kid.result(STALL + CHILD_TIMEOUT)
@@ -618,6 +647,7 @@ class Bench:
                 pace(start, i, rate)
                 sent_ns = time.monotonic_ns()
                 pub.publish(stream_body(i, sent_ns))
+                self.tick(i + 1, n)
             sent_done_ns = time.monotonic_ns()
             results = [kid.result(STALL + CHILD_TIMEOUT) for kid in kids]
         summaries = [summarize(r, n, first_ns, sent_done_ns, keep=rate > 0) for r in results]
@@ -658,6 +688,7 @@ class Bench:
                             per_mode[mode].append(kid.result(STALL + 2 * CHILD_TIMEOUT))
                         finally:
                             kid.kill()
+                        self.tick(sum(map(len, per_mode.values())), len(modes) * joins)
             finally:
                 stop.set()
                 publisher.join(10)
@@ -1101,7 +1132,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-only", action="store_true", help="measure only the history row")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--save", metavar="PATH", help="also write the JSON results to PATH")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args(argv)
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     late_modes = [m.strip() for m in args.late_joiner_modes.split(",") if m.strip()]
     for mode in modes + late_modes:
@@ -1140,26 +1181,35 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with DevServer(accounts=(ACCOUNT,)) as server:
         bench = Bench(server)
-        bench.warm_up()
+        bench.progress = ProgressReporter(sys.stderr, "mailbox")
+        with bench.phase("warm-up"):
+            bench.warm_up()
         if args.history:
-            results["history"] = bench.history(args.history_emails, HISTORY_LAST)
+            with bench.phase("history fill"):
+                results["history"] = bench.history(args.history_emails, HISTORY_LAST)
         if not args.history_only:
-            results["floor"] = bench.floor(args.messages, args.rate)
+            with bench.phase("floor"):
+                results["floor"] = bench.floor(args.messages, args.rate)
         if args.late_joiner and late_modes:
-            results["late_joiner"] = bench.late_joiner(
-                late_modes, args.late_joins, results["floor"].get("p50_ms")
-            )
+            with bench.phase("late joiners"):
+                results["late_joiner"] = bench.late_joiner(
+                    late_modes, args.late_joins, results["floor"].get("p50_ms")
+                )
         for mode in modes:
-            results["modes"][mode] = bench.stream(mode, args.messages, args.rate)
+            with bench.phase(f"stream {mode}"):
+                results["modes"][mode] = bench.stream(mode, args.messages, args.rate)
         if args.paired:
-            results["paired"] = bench.paired(PAIRED_MODE, args.messages, args.rate)
+            with bench.phase("paired"):
+                results["paired"] = bench.paired(PAIRED_MODE, args.messages, args.rate)
         if args.idle_seconds > 0:
-            results["idle"] = bench.idle(modes, args.idle_seconds)
+            with bench.phase("idle subscribers"):
+                results["idle"] = bench.idle(modes, args.idle_seconds)
         if args.burst > 0:
-            results["throughput"] = {
-                "floor": bench.floor(args.burst, 0.0),
-                "emailmw": bench.stream(THROUGHPUT_MODE, args.burst, 0.0),
-            }
+            with bench.phase("burst floor"):
+                burst_floor = bench.floor(args.burst, 0.0)
+            with bench.phase(f"burst {THROUGHPUT_MODE}"):
+                burst_emailmw = bench.stream(THROUGHPUT_MODE, args.burst, 0.0)
+            results["throughput"] = {"floor": burst_floor, "emailmw": burst_emailmw}
     results["elapsed_s"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["targets"] = targets(results) if "floor" in results else []
@@ -1183,7 +1233,145 @@ def main(argv: list[str] | None = None) -> int:
         if "history" in results:
             print_history(results["history"])
         sys.stdout.write(f"\n(run took {results['elapsed_s']:.0f} s)\n")
+    if pyplot is not None:
+        plot(pyplot, args.plot, results)
     return 0
+
+
+# -- plot -----------------------------------------------------------------------------------
+
+
+def plot(pyplot: Any, path: str, results: dict[str, Any]) -> None:
+    """Draw the results: latency CDFs per receive mode next to the floor, the paired
+    run, IMAP commands per message, throughput, the late joiners, idle, history."""
+    import _plot
+
+    panels: list[Callable[[Any], None]] = []
+    floor = results.get("floor", {})
+    s = results["settings"]
+    streams = {"floor": floor, **results["modes"]}
+    if any("latency_by_seq_ms" in r for r in streams.values()):
+
+        def latency(ax: Any) -> None:
+            for path_name, r in streams.items():
+                style = {"color": "k", "linewidth": 2} if path_name == "floor" else {}
+                _plot.cdf(ax, r.get("latency_by_seq_ms", []), label(path_name), **style)
+            _plot.log_scale(ax)
+            ax.set_xlabel("latency, send -> message in hand (ms)")
+            ax.set_title(f"{s['messages']} messages at {s['rate']:g} Hz, per receive mode")
+            ax.legend(loc="lower right")
+
+        panels.append(latency)
+    paired = results.get("paired")
+    if paired is not None and "latency_by_seq_ms" in paired["emailmw"]:
+
+        def paired_cdf(ax: Any) -> None:
+            _plot.cdf(ax, paired["floor"].get("latency_by_seq_ms", []), label("floor"), color="k")
+            _plot.cdf(ax, paired["emailmw"]["latency_by_seq_ms"], label(PAIRED_MODE))
+            _plot.log_scale(ax)
+            ax.set_xlabel("latency, send -> message in hand (ms)")
+            ax.set_title("paired: both reading one folder, the same emails")
+            ax.legend(loc="lower right")
+
+        panels.append(paired_cdf)
+    commanded = {p: r for p, r in streams.items() if "commands_per_message" in r}
+    if commanded:
+
+        def commands(ax: Any) -> None:
+            _plot.bars(
+                ax,
+                [label(p) for p in commanded],
+                [r["commands_per_message"] for r in commanded.values()],
+                unit="IMAP commands per message",
+                fmt="{:.2f}",
+                suffix="",
+                colors=["k" if p == "floor" else "C0" for p in commanded],
+            )
+            _plot.log_scale(ax)
+            ax.set_title("IMAP commands per message (the receiver's own count)")
+
+        panels.append(commands)
+    tput = results.get("throughput")
+    if tput is not None:
+
+        def throughput(ax: Any) -> None:
+            pair = (tput["floor"], tput["emailmw"])
+            _plot.grouped_bars(
+                ax,
+                ["floor (busy UID FETCH)", f"emailmw {THROUGHPUT_MODE}"],
+                {
+                    "end to end": [r.get("end_to_end_msgs_per_s", 0.0) for r in pair],
+                    "99 % in hand": [r.get("msgs_per_s_to_99_percent", 0.0) for r in pair],
+                    "sending alone": [r["send_msgs_per_s"] for r in pair],
+                },
+                unit="msg/s",
+                fmt="{:.0f}",
+            )
+            ax.set_title(f"throughput, {s['burst']} messages from one sender")
+
+        panels.append(throughput)
+    late = results.get("late_joiner")
+    if late is not None:
+
+        def late_joiners(ax: Any) -> None:
+            modes = list(late["modes"])
+            for index, mode in enumerate(modes):
+                each = late["modes"][mode]["each"]
+                got = [j["time_to_first_ms"] for j in each if j.get("first") is not None]
+                ax.scatter([index] * len(got), got, s=14, alpha=0.7, label=f"{mode}: each join")
+                timeouts = len(each) - len(got)
+                if timeouts:
+                    ax.annotate(f"{timeouts} got nothing", (index, STALL * 1e3), ha="center")
+            if late["floor_p50_ms"]:
+                ax.axhline(late["floor_p50_ms"], color="k", linestyle="--", linewidth=0.8)
+                ax.annotate("floor p50", (len(modes) - 0.5, late["floor_p50_ms"]), fontsize=7)
+            ax.set_xticks(range(len(modes)), [f"late joiner {m}" for m in modes])
+            ax.set_xlim(-0.5, len(modes) - 0.5)
+            _plot.log_scale(ax, "y")
+            ax.set_ylabel("Subscription() -> first message (ms)")
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+            ax.set_title(
+                f"late joiners: {late['joins']} per mode into a {late['rate']:g} Hz stream"
+            )
+
+        panels.append(late_joiners)
+    if results["idle"]:
+
+        def idle(ax: Any) -> None:
+            _plot.bars(
+                ax,
+                [f"{m} ({r['cpu_percent']:.2f} % CPU)" for m, r in results["idle"].items()],
+                [r["commands_per_min"] for r in results["idle"].values()],
+                unit="IMAP commands/min",
+                fmt="{:.2f}",
+                suffix="/min",
+            )
+            ax.axvline(TARGET_IDLE_COMMANDS, color="C3", linestyle="--", linewidth=0.8)
+            ax.set_title(f"idle subscriber, {s['idle_seconds']:g} s (dashed: target)")
+
+        panels.append(idle)
+    history = results.get("history")
+    if history is not None:
+
+        def history_bars(ax: Any) -> None:
+            _plot.bars(
+                ax,
+                [f"Subscription(history={history['last']})", "a second one right after"],
+                [history["time_ms"], history["again_ms"]],
+                unit="ms",
+                fmt="{:.0f}",
+            )
+            ax.set_title(
+                f"history: last {history['last']} of {history['emails']:,} emails; "
+                f"{history['bytes_read'] / 1e3:.0f} kB of {history['folder_bytes'] / 1e6:.0f} MB "
+                "read"
+            )
+
+        panels.append(history_bars)
+    fig, axes = _plot.figure(pyplot, max(len(panels), 1), size=(5.5, 3.4))
+    for draw, ax in zip(panels, axes, strict=False):
+        draw(ax)
+    _plot.save(pyplot, fig, path, "mailbox: emailmw over Dovecot + Postfix next to the floor")
 
 
 if __name__ == "__main__":
