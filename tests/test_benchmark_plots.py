@@ -82,11 +82,15 @@ _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
 _VERDICT = re.compile(r"\b(?:PASS|MISS)\b|^(?:all targets met|MISSED: .*)(?= \(ran in)")
 
 
+_RULE = re.compile(r"-{3,}")
+
+
 def text_form(text: str) -> list[str]:
     """The printed lines with every number replaced by ``N``, every verdict by
-    ``VERDICT``, and spacing collapsed."""
+    ``VERDICT``, table rules (runs of ``-`` sized to the widest value) by ``---``,
+    and spacing collapsed."""
     return [
-        " ".join(_VERDICT.sub("VERDICT", _NUMBER.sub("N", line)).split())
+        " ".join(_RULE.sub("---", _VERDICT.sub("VERDICT", _NUMBER.sub("N", line))).split())
         for line in text.splitlines()
     ]
 
