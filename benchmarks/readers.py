@@ -15,9 +15,10 @@ reader's IMAP connection against one user) and, for each K of ``--readers``
   reader: p50, p90, p99, max), messages lost, IMAP commands per second (the
   readers' own counts, ``ImapEmailReceiver.commands_sent``, summed), the CPU
   of each reader (``getrusage`` in its process: mean and max, % of one core),
-  and the CPU of Dovecot's ``imap`` processes that serve the readers (``utime``
-  + ``stime`` from ``/proc/<pid>/stat``, sampled when the stream starts and
-  when the last reader has its last message; their sum, % of one core), and
+  and the CPU of Dovecot's ``imap`` processes that serve the readers (their
+  pids from ``doveadm who``; CPU time from ``/proc/<pid>/schedstat``, else
+  ``utime`` + ``stime`` of ``/proc/<pid>/stat``, sampled when the stream starts
+  and when the last reader has its last message; their sum, % of one core), and
   the connect time (all K readers up).
 
     python benchmarks/readers.py                      # K = 1, 4, 16, 64: about 3 minutes
@@ -58,7 +59,18 @@ def cpu_seconds() -> float:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of process ``pid`` (``/proc/<pid>/stat``); 0 if it is gone."""
+    """CPU time of process ``pid``; 0 if it is gone.
+
+    ``/proc/<pid>/schedstat`` (its first field: nanoseconds on a CPU, exact)
+    where the kernel has it, else ``utime + stime`` from ``/proc/<pid>/stat``,
+    which counts in clock ticks (10 ms) and misses much of a process that runs
+    in bursts of microseconds, as an IMAP server process answering NOOPs does.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as fh:
+            return int(fh.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
             fields = fh.read().rpartition(")")[2].split()
