@@ -116,6 +116,7 @@ def reader(conn: Connection, config: dict[str, Any], n: int) -> None:
                     },
                 )
             )
+            conn.recv()  # "stop": stay logged in until the parent has read Dovecot's CPU
     except BaseException as exc:
         conn.send(("error", repr(exc)))
         raise
@@ -175,6 +176,8 @@ def run(server: DevServer, k: int, n: int, rate: float, mode: str) -> dict[str, 
             end = max((r["last_ns"] for r in results if r["last_ns"]), default=0) / 1e9
             wall = (end or time.monotonic()) - start
             dovecot_cpu = sum(process_cpu_seconds(p) - dovecot0[p] for p in imap_pids)
+            for kid in kids:
+                kid.conn.send("stop")
     finally:
         for kid in kids:
             kid.kill()
