@@ -52,12 +52,30 @@ postfix, run as root) and prints, from one run, side by side:
   (``ImapEmailReceiver.bytes_received``), next to the folder's size.
   ``--history-only`` runs only this row; ``--no-history`` skips it.
 
+* **sender pool** (``--sender-pool-only``): ``--pool-messages`` messages sent as
+  fast as they go by ``--pool-publishers`` publisher threads (one
+  ``Publisher`` each, one context) through ``smtp-connections`` N for each N of
+  ``--pool-connections`` (1, 2, 4, 8), next to the floor (one ``smtplib``
+  connection, one thread, ``sendmail()`` back to back): the send rate (first
+  send → last send accepted by Postfix) and the end-to-end rate (until the
+  folder holds them all: IMAP ``STATUS MESSAGES``, asked every 50 ms).
+* **fan-out** (``--fanout-only``): one publisher whose recipients are M
+  plus-addressed folders (``DevServer.new_mailbox``) for each M of
+  ``--fanout-recipients`` (1, 10, 50), one subscriber ``Context`` per folder
+  (in subscriber processes of up to 10 contexts each, ``--fanout-mode``, default
+  ``auto``); ``--fanout-messages`` messages at 1 Hz: how long ``publish()``
+  takes (one SMTP transaction with M ``RCPT TO``), and from just before the
+  send until the last of the M subscribers has it (p50, max), and until the
+  first one has it.
+
     python benchmarks/mailbox.py                          # the table, about 4.5 minutes
     python benchmarks/mailbox.py --json                   # the same results as JSON
     python benchmarks/mailbox.py --messages 50 --idle-seconds 5 --burst 300   # quick look
     python benchmarks/mailbox.py --modes auto,poll-10ms --no-paired --save out.json
     python benchmarks/mailbox.py --late-joiner-only       # floor + late joiner, ~1 minute
     python benchmarks/mailbox.py --plot mailbox.png       # also draw latency CDFs, bars, joins
+    python benchmarks/mailbox.py --sender-pool-only       # SMTP connections 1-8, ~2 minutes
+    python benchmarks/mailbox.py --fanout-only            # 1, 10, 50 recipients, ~2 minutes
 
 How it measures:
 
@@ -136,6 +154,12 @@ LATE_JOINS = 10  # fresh subscriber processes per mode
 LATE_JOINER_LEAD = 1.0  # seconds the stream runs before the first join
 STALL = 20.0  # a receiver gives up after this long without a new message
 CHILD_TIMEOUT = 60.0  # how long the parent waits for a child's answer beyond the phase
+POOL_CONNECTIONS = "1,2,4,8"  # smtp-connections of the sender-pool section
+POOL_PUBLISHERS = 8
+POOL_MESSAGES = 1000
+FANOUT_RECIPIENTS = "1,10,50"
+FANOUT_MESSAGES = 20
+FANOUT_PER_PROCESS = 10  # subscriber contexts per process in the fan-out section
 
 # targets (issue #3)
 TARGET_P50_RATIO = 1.5  # auto p50 <= 1.5 x the floor's
@@ -344,6 +368,40 @@ def emailmw_receiver(conn: Connection, config: dict[str, Any], n: int, idle_seco
         raise
 
 
+def fanout_subscribers(conn: Connection, configs: list[dict[str, Any]], n: int) -> None:
+    """Several subscriber contexts in one process (one per folder of the fan-out),
+    each with a thread that records when each of ``n`` messages is in hand."""
+    try:
+        with contextlib.ExitStack() as stack:
+            subs = []
+            for config in configs:
+                ctx = stack.enter_context(emailmw.Context(emailmw.Options.from_dict(config)))
+                subs.append(emailmw.Subscription(TOPIC, depth=max(n, 1000), context=ctx))
+            conn.send(("ready", None))
+            conn.recv()  # "go"
+            arrivals: list[list[tuple[int, int]]] = [[] for _ in subs]
+
+            def collect(index: int) -> None:
+                while len(arrivals[index]) < n:
+                    try:
+                        message = emailmw.wait_for_message(subs[index], timeout=STALL)
+                    except emailmw.WaitTimeoutError:
+                        return
+                    arrivals[index].append((parse_body(message.encode())[0], time.monotonic_ns()))
+
+            threads = [
+                threading.Thread(target=collect, args=(i,), daemon=True) for i in range(len(subs))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        conn.send(("done", {"arrivals": arrivals}))
+    except BaseException as exc:
+        conn.send(("error", repr(exc)))
+        raise
+
+
 def late_joiner(conn: Connection, config: dict[str, Any]) -> None:
     """A subscriber that starts while a stream runs: how long until its first message.
 
@@ -471,6 +529,7 @@ class Bench:
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(self._phase, done, total)
+        self._counters: list[imapclient.IMAPClient] = []  # folder_count's connections
 
     def history(self, total: int, last: int) -> dict[str, Any]:
         """Fill a folder with ``total`` emails (every 100th on the topic), then time
@@ -721,6 +780,146 @@ class Bench:
             with contextlib.suppress(KeyError, ValueError):
                 order.setdefault(parse_body(fetched[uid][b"BODY[TEXT]"])[0], rank)
         return order
+
+    # -- many writers, fan-out
+
+    def folder_count(self, folder: str) -> Callable[[], int]:
+        """A function telling how many emails ``folder`` holds (one IMAP connection)."""
+        client = imap_login(self.info)
+        self._counters.append(client)
+        return lambda: int(client.folder_status(folder, [b"MESSAGES"])[b"MESSAGES"])
+
+    def wait_stored(self, count: Callable[[], int], n: int) -> float:
+        """Wait (asking every 50 ms) until the folder holds ``n`` emails; return when."""
+        deadline = time.monotonic() + STALL + n / 50
+        while count() < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {count()} of {n} emails were stored")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def pool_floor(self, n: int) -> dict[str, Any]:
+        """``n`` emails over one smtplib connection, back to back, from one thread."""
+        folder, address = self.server.new_mailbox(ACCOUNT, prefix="poolfloor")
+        count = self.folder_count(folder)
+        smtp = smtp_login(self.info)
+        sender = self.info.username
+        start = time.monotonic()
+        for i in range(n):
+            smtp.sendmail(sender, [address], raw_email(sender, address, stream_body(i, 0)))
+        sent = time.monotonic()
+        smtp.quit()
+        stored = self.wait_stored(count, n)
+        return {
+            "messages": n,
+            "send_msgs_per_s": n / (sent - start),
+            "end_to_end_msgs_per_s": n / (stored - start),
+        }
+
+    def pool(self, connections: int, publishers: int, n: int) -> dict[str, Any]:
+        """``n`` messages from ``publishers`` threads over ``smtp-connections``."""
+        folder, address = self.server.new_mailbox(ACCOUNT, prefix="pool")
+        count = self.folder_count(folder)
+        quiet, _ = self.server.new_mailbox(ACCOUNT, prefix="quiet")
+        config = self.server.config(ACCOUNT, mailbox=quiet, to=address, receive_mode="idle")
+        config["email"]["smtp-connections"] = connections
+        each = [n // publishers + (i < n % publishers) for i in range(publishers)]
+        failures: list[BaseException] = []
+        with emailmw.Context(emailmw.Options.from_dict(config)) as ctx:
+            pubs = [emailmw.Publisher(TOPIC, context=ctx) for _ in range(publishers)]
+            go = threading.Barrier(publishers + 1)
+
+            def publish(index: int) -> None:
+                try:
+                    go.wait()
+                    for i in range(each[index]):
+                        pubs[index].publish(stream_body(i, 0))
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [
+                threading.Thread(target=publish, args=(i,), daemon=True) for i in range(publishers)
+            ]
+            for thread in threads:
+                thread.start()
+            go.wait()
+            start = time.monotonic()
+            for thread in threads:
+                thread.join()
+            sent = time.monotonic()
+            if failures:
+                raise RuntimeError(f"publishing failed: {failures[0]!r}")
+            stored = self.wait_stored(count, n)
+            stats = ctx.stats()
+        return {
+            "connections": connections,
+            "publishers": publishers,
+            "messages": n,
+            "sent": stats.sent,
+            "send_retries": stats.send_retries,
+            "send_msgs_per_s": n / (sent - start),
+            "end_to_end_msgs_per_s": n / (stored - start),
+        }
+
+    def sender_pool(self, connections: list[int], publishers: int, n: int) -> dict[str, Any]:
+        try:
+            return {
+                "floor": self.pool_floor(n),
+                "pool": [self.pool(c, publishers, n) for c in connections],
+            }
+        finally:
+            for client in self._counters:
+                with contextlib.suppress(Exception):
+                    client.logout()
+
+    def fanout(self, recipients: int, n: int, mode: str) -> dict[str, Any]:
+        """One publisher to ``recipients`` folders, a subscriber on each."""
+        folders = [self.server.new_mailbox(ACCOUNT, prefix="fan") for _ in range(recipients)]
+        configs = [self.subscriber_config(folder, mode) for folder, _ in folders]
+        quiet, _ = self.server.new_mailbox(ACCOUNT, prefix="quiet")
+        config = self.server.config(ACCOUNT, mailbox=quiet, receive_mode="idle")
+        config["email"]["recipients"] = {"to": [address for _, address in folders]}
+        groups = [
+            configs[i : i + FANOUT_PER_PROCESS] for i in range(0, recipients, FANOUT_PER_PROCESS)
+        ]
+        kids = [Child(fanout_subscribers, group, n) for group in groups]
+        sent: dict[int, tuple[int, int]] = {}  # seq -> (send started, publish returned)
+        with children(*kids), emailmw.Context(emailmw.Options.from_dict(config)) as ctx:
+            pub = emailmw.Publisher(TOPIC, context=ctx)
+            for kid in kids:
+                kid.go()
+            start = time.monotonic()
+            for i in range(n):
+                pace(start, i, 1.0)
+                before = time.monotonic_ns()
+                pub.publish(stream_body(i, before))
+                sent[i] = (before, time.monotonic_ns())
+            results = [kid.result(STALL + CHILD_TIMEOUT + n) for kid in kids]
+        by_seq: dict[int, list[int]] = {i: [] for i in range(n)}
+        for result in results:
+            for arrivals in result["arrivals"]:
+                for seq, got_ns in arrivals:
+                    by_seq[seq].append(got_ns)
+        complete = [i for i in range(n) if len(by_seq[i]) == recipients]
+        last = sorted((max(by_seq[i]) - sent[i][0]) / 1e6 for i in complete)
+        first = sorted((min(by_seq[i]) - sent[i][0]) / 1e6 for i in complete)
+        publish_ms = sorted((done - began) / 1e6 for began, done in sent.values())
+        out: dict[str, Any] = {
+            "recipients": recipients,
+            "messages": n,
+            "mode": mode,
+            "incomplete": n - len(complete),
+            "deliveries_missing": recipients * n - sum(len(v) for v in by_seq.values()),
+            "publish_p50_ms": percentile(publish_ms, 0.5),
+            "publish_max_ms": publish_ms[-1],
+        }
+        if last:
+            out.update(
+                last_p50_ms=percentile(last, 0.5),
+                last_max_ms=last[-1],
+                first_p50_ms=percentile(first, 0.5),
+            )
+        return out
 
     def idle(self, modes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
         """One idle subscriber per mode, side by side (each measures its own process)."""
@@ -1080,6 +1279,51 @@ def print_report(results: dict[str, Any]) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 
+def print_sender_pool(section: dict[str, Any]) -> None:
+    out = sys.stdout
+    floor = section["floor"]
+    out.write(
+        f"\nsender pool: {floor['messages']} messages, as fast as they go\n"
+        "| sender | publisher threads | sent msg/s | end to end msg/s |\n|---|---|---|---|\n"
+        f"| floor: one smtplib connection | 1 | {floor['send_msgs_per_s']:.0f} "
+        f"| {floor['end_to_end_msgs_per_s']:.0f} |\n"
+    )
+    for row in section["pool"]:
+        out.write(
+            f"| smtp-connections: {row['connections']} | {row['publishers']} "
+            f"| {row['send_msgs_per_s']:.0f} | {row['end_to_end_msgs_per_s']:.0f} |\n"
+        )
+
+
+def print_fanout(rows: list[dict[str, Any]]) -> None:
+    out = sys.stdout
+    mode = rows[0]["mode"] if rows else "?"
+    out.write(
+        f"\nfan-out: one publisher, M recipient folders, a subscriber ({mode}) on each, 1 Hz\n"
+        "| M | publish() p50 / max ms | first subscriber p50 ms | last subscriber p50 / max ms "
+        "| incomplete |\n|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        nan = float("nan")
+        out.write(
+            f"| {r['recipients']} | {r['publish_p50_ms']:.1f} / {r['publish_max_ms']:.1f} "
+            f"| {r.get('first_p50_ms', nan):.1f} "
+            f"| {r.get('last_p50_ms', nan):.1f} / {r.get('last_max_ms', nan):.1f} "
+            f"| {r['incomplete']} of {r['messages']} |\n"
+        )
+
+
+def counts(text: str, flag: str) -> list[int]:
+    """A comma-separated list of positive counts."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{flag}: comma-separated positive counts, not {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200, help="messages per stream (200)")
@@ -1130,6 +1374,45 @@ def main(argv: list[str] | None = None) -> int:
         "--no-history", dest="history", action="store_false", help="skip the history row"
     )
     parser.add_argument("--history-only", action="store_true", help="measure only the history row")
+    parser.add_argument(
+        "--sender-pool-only",
+        action="store_true",
+        help="measure only the sender pool (smtp-connections) next to the floor",
+    )
+    parser.add_argument(
+        "--pool-connections",
+        default=POOL_CONNECTIONS,
+        help=f"smtp-connections to measure ({POOL_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--pool-publishers",
+        type=int,
+        default=POOL_PUBLISHERS,
+        help=f"publisher threads ({POOL_PUBLISHERS})",
+    )
+    parser.add_argument(
+        "--pool-messages",
+        type=int,
+        default=POOL_MESSAGES,
+        help=f"messages per sender ({POOL_MESSAGES})",
+    )
+    parser.add_argument(
+        "--fanout-only", action="store_true", help="measure only the fan-out to M mailboxes"
+    )
+    parser.add_argument(
+        "--fanout-recipients",
+        default=FANOUT_RECIPIENTS,
+        help=f"values of M ({FANOUT_RECIPIENTS})",
+    )
+    parser.add_argument(
+        "--fanout-messages",
+        type=int,
+        default=FANOUT_MESSAGES,
+        help=f"messages per M, at 1 Hz ({FANOUT_MESSAGES})",
+    )
+    parser.add_argument(
+        "--fanout-mode", default="auto", help="the fan-out subscribers' receive mode (auto)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--save", metavar="PATH", help="also write the JSON results to PATH")
     parser.add_argument(
@@ -1143,6 +1426,16 @@ def main(argv: list[str] | None = None) -> int:
         import _plot
 
         pyplot = _plot.start(parser, args.plot)
+    if args.sender_pool_only or args.fanout_only:
+        try:
+            pool_connections = counts(args.pool_connections, "--pool-connections")
+            fanout_recipients = counts(args.fanout_recipients, "--fanout-recipients")
+            parse_mode(args.fanout_mode)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+        if min(args.pool_publishers, args.pool_messages, args.fanout_messages) < 1:
+            parser.error("--pool-publishers, --pool-messages, --fanout-messages must be >= 1")
+        return scale_only(args, pool_connections, fanout_recipients)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     late_modes = [m.strip() for m in args.late_joiner_modes.split(",") if m.strip()]
     for mode in modes + late_modes:
@@ -1372,6 +1665,44 @@ def plot(pyplot: Any, path: str, results: dict[str, Any]) -> None:
     for draw, ax in zip(panels, axes, strict=False):
         draw(ax)
     _plot.save(pyplot, fig, path, "mailbox: emailmw over Dovecot + Postfix next to the floor")
+
+
+def scale_only(args: argparse.Namespace, connections: list[int], recipients: list[int]) -> int:
+    """``--sender-pool-only`` and/or ``--fanout-only``: those sections alone."""
+    results: dict[str, Any] = {"machine": machine()}
+    started = time.monotonic()
+    with DevServer(accounts=(ACCOUNT,)) as server:
+        bench = Bench(server)
+        bench.warm_up()
+        if args.sender_pool_only:
+            results["sender_pool"] = bench.sender_pool(
+                connections, args.pool_publishers, args.pool_messages
+            )
+        if args.fanout_only:
+            results["fanout"] = [
+                bench.fanout(m, args.fanout_messages, args.fanout_mode) for m in recipients
+            ]
+    results["elapsed_s"] = time.monotonic() - started
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    if args.save:
+        with open(args.save, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    m = results["machine"]
+    sys.stdout.write(
+        f"machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, commit "
+        f"{m['commit']}; load average at start {fmt_load(m['load_average_at_start'])}, "
+        f"at end {fmt_load(m['load_average_at_end'])}\n"
+    )
+    if "sender_pool" in results:
+        print_sender_pool(results["sender_pool"])
+    if "fanout" in results:
+        print_fanout(results["fanout"])
+    sys.stdout.write(f"\n(run took {results['elapsed_s']:.0f} s)\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -64,11 +64,14 @@ def _create_transport(options: Options, stats: StatsCounters) -> tuple[EmailSend
         return IntraEmailSender(receiver, stats=stats, wire_format=options.wire_format), receiver
     from emailmw.transport.imap import ImapEmailReceiver
     from emailmw.transport.smtp import SmtpEmailSender
+    from emailmw.transport.smtp_pool import SmtpSenderPool
 
-    return (
-        SmtpEmailSender(options.smtp_settings(), stats),
-        ImapEmailReceiver(options.imap_settings(), stats),
-    )
+    sender: EmailSender
+    if options.smtp_connections > 1:
+        sender = SmtpSenderPool(options.smtp_settings(), options.smtp_connections, stats)
+    else:
+        sender = SmtpEmailSender(options.smtp_settings(), stats)
+    return sender, ImapEmailReceiver(options.imap_settings(), stats)
 
 
 def _replay_key(options: Options) -> str:

@@ -21,6 +21,7 @@ The tree::
         ├── AuthenticationError      (also Smtp/Imap by server) wrong credentials
         ├── TlsError                 TLS handshake or certificate verification failed
         └── ConnectError             server unreachable, refused or silent
+            └── ConnectionLimitError the server refused one more connection for the user (.limit)
 
 Lower-level exceptions (``smtplib``, ``imapclient``, ``OSError``, ``ssl``) are
 translated inside the transport layer and chained with ``raise ... from exc``.
@@ -32,6 +33,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "ConnectionLimitError",
     "ContextError",
     "DurableNameInUseError",
     "EmailmwError",
@@ -168,3 +170,19 @@ class TlsError(TransportError):
 
 class ConnectError(TransportError):
     """The server could not be reached: refused, unreachable, or did not answer in time."""
+
+
+class ConnectionLimitError(ConnectError):
+    """The server refused a new connection because the user has as many open as it
+    allows (Dovecot: ``NO [LIMIT] Maximum number of connections from user+IP
+    exceeded``, set by its ``mail_max_userip_connections``).
+
+    ``limit`` is that maximum when the server said it, else None. Not a wrong
+    password: the same login works once another connection of the user closes.
+    """
+
+    def __init__(
+        self, message: str, *, limit: int | None = None, server: str | None = None
+    ) -> None:
+        super().__init__(message, server=server)
+        self.limit = limit

@@ -80,6 +80,7 @@ _MAX_TIMEOUT = 24 * 3600.0  # timeout, send-timeout: one day
 _MAX_POLLING_PERIOD_NS = 3600 * 10**9  # one hour
 _MAX_REORDER_WINDOW = 3600.0  # one hour
 _MAX_QUEUE_DEPTH = 10_000_000
+_MAX_SMTP_CONNECTIONS = 64
 _MAX_MESSAGE_SIZE_LIMIT = 1 << 30  # 1 GiB
 _MAX_MAX_AGE = 365 * 24 * 3600.0  # one year
 _MAX_RETENTION_AGE = 100 * 365 * 24 * 3600.0  # retention.max-age: a hundred years
@@ -227,6 +228,10 @@ class Options(_Model):
     timeout: float = Field(default=10.0, gt=0, le=_MAX_TIMEOUT, allow_inf_nan=False)
     send_timeout: float = Field(
         default=30.0, alias="send-timeout", gt=0, le=_MAX_TIMEOUT, allow_inf_nan=False
+    )
+    #: how many SMTP connections carry the sends (see :mod:`emailmw.transport.smtp_pool`)
+    smtp_connections: int = Field(
+        default=1, alias="smtp-connections", ge=1, le=_MAX_SMTP_CONNECTIONS, strict=True
     )
     reorder_window: float = Field(
         default=5.0, alias="reorder-window", ge=0, le=_MAX_REORDER_WINDOW, allow_inf_nan=False

@@ -108,6 +108,11 @@ class FakeSmtp(_ScriptedServer):
         successive RCPT commands: a list is used up in order, then ``250 ok``; a
         string is the reply to every one. Recipients not listed get ``250 ok``.
 
+    ``stall_data``
+        True: never answer after DATA (a server gone silent mid-send); the
+        connection waits for the client to hang up. :meth:`wait_stalled` waits
+        until so many sends are held.
+
     Fixed: MAIL, RSET and NOOP get ``250 ok``; DATA with no recipient accepted gets
     ``554``; QUIT gets ``221`` and a hang-up; any other command gets ``502``.
 
@@ -131,7 +136,11 @@ class FakeSmtp(_ScriptedServer):
         auth_reply: str = "235 2.7.0 ok",
         data_replies: Iterable[str] = (),
         rcpt_replies: Mapping[str, Iterable[str] | str] | None = None,
+        stall_data: bool = False,
     ) -> None:
+        self.stall_data = stall_data
+        self._stalled = 0
+        self._stalled_changed = threading.Condition()
         self.greeting = greeting
         self.extensions = list(extensions)
         self.auth_reply = auth_reply
@@ -143,6 +152,17 @@ class FakeSmtp(_ScriptedServer):
         self.messages: list[bytes] = []
         self.envelopes: list[list[str]] = []
         super().__init__(_SmtpHandler)
+
+    def wait_stalled(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` sends are held after DATA (``stall_data``); False at timeout."""
+        with self._stalled_changed:
+            return self._stalled_changed.wait_for(lambda: self._stalled >= count, timeout)
+
+    def stall(self) -> None:
+        """Count a held send (called by a connection's handler)."""
+        with self._stalled_changed:
+            self._stalled += 1
+            self._stalled_changed.notify_all()
 
 
 class _SmtpHandler(_LineHandler):
@@ -209,6 +229,11 @@ class _SmtpHandler(_LineHandler):
         self.server.messages.append(data[:-3].replace(b"\r\n..", b"\r\n."))
         self.server.envelopes.append(self.recipients)
         self.recipients = []
+        if self.server.stall_data:
+            self.server.stall()
+            while self.rfile.readline():  # no answer: wait for the client to hang up
+                pass
+            return False
         answer = self.server.data_replies.pop(0) if self.server.data_replies else "250 ok"
         self.say(answer)
         return not answer.startswith("421")

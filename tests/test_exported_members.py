@@ -15,6 +15,7 @@ EXPECTED = {
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "ConnectionLimitError",
     "ConnectionState",
     "Context",
     "ContextError",
@@ -68,6 +69,7 @@ ERRORS = [
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "ConnectionLimitError",
     "ContextError",
     "DurableNameInUseError",
     "GuardConditionInUseError",
@@ -124,6 +126,7 @@ def test_error_tree_and_builtin_bases() -> None:
     for name in ("SmtpError", "ImapError", "AuthenticationError", "TlsError", "ConnectError"):
         assert issubclass(getattr(emailmw, name), emailmw.TransportError)
     assert issubclass(emailmw.RecipientsRefusedError, emailmw.SmtpError)
+    assert issubclass(emailmw.ConnectionLimitError, emailmw.ConnectError)
     for name in ("ConfigError", "ContextError", "GuardConditionInUseError"):
         assert not issubclass(getattr(emailmw, name), emailmw.TransportError)
 
@@ -133,6 +136,8 @@ def test_errors_carry_their_fields() -> None:
     assert (err.key, err.path, str(err)) == ("email.user", "/x/email.yml", "bad")
     terr = emailmw.ConnectError("refused", server="127.0.0.1:25")
     assert terr.server == "127.0.0.1:25"
+    cap = emailmw.ConnectionLimitError("too many", limit=3, server="127.0.0.1:143")
+    assert (cap.limit, cap.server, str(cap)) == (3, "127.0.0.1:143", "too many")
     assert str(emailmw.UnknownRequestError("no request 3")) == "no request 3"
     refused = emailmw.RecipientsRefusedError(
         "b refused",

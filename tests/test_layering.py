@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "emailmw.transport.sender": 1,
     "emailmw.transport.intra": 1,
     "emailmw.transport.smtp": 1,
+    "emailmw.transport.smtp_pool": 1,  # several SmtpEmailSenders (smtp-connections)
     "emailmw.transport.imap": 1,
     "emailmw.transport.tls": 1,
     "emailmw.transport.settings": 1,  # what each transport is given (not the Options)

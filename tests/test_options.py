@@ -525,6 +525,8 @@ def test_from_address_is_validated_like_recipients(tmp_path: Path, address: str)
     [
         ({"intraprocess": True, "timeout": -1}, "email.timeout"),
         ({"intraprocess": True, "queue-depth": 0}, "email.queue-depth"),
+        ({"intraprocess": True, "smtp-connections": 0}, "email.smtp-connections"),
+        ({"intraprocess": True, "smtp_connections": "4"}, "email.smtp_connections"),
         ({"intraprocess": True, "reorder_window": "soon"}, "email.reorder_window"),
         ({"intraprocess": True, "receive_mode": "push"}, "email.receive_mode"),
         ({"intraprocess": True, "no_such_key": 1}, "email.no_such_key"),
@@ -564,6 +566,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "polling-period": (3_600_000_000_000, 3_600_000_000_001, False),
     "timeout": (86_400, 86_400.001, True),
     "send-timeout": (86_400, 86_400.001, True),
+    "smtp-connections": (64, 65, False),
     "reorder-window": (3_600, 3_600.001, True),
     "queue-depth": (10_000_000, 10_000_001, False),
     "history-depth": (10_000_000, 10_000_001, False),

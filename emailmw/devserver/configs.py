@@ -74,9 +74,13 @@ def dovecot_config(
     imaps_port: int,
     oauth2_args: pathlib.Path | None = None,
     host: str = "127.0.0.1",
+    max_user_connections: int = 1000,
 ) -> str:
     """``dovecot.conf``: everything under ``root``, IMAP and IMAPS on ``host`` and the given
     ports.
+
+    ``max_user_connections``: Dovecot's ``mail_max_userip_connections``, how many
+    IMAP connections one user may have open from one address.
 
     With ``oauth2_args`` (the ``oauth2`` passdb's settings file), XOAUTH2 and
     OAUTHBEARER are offered too and checked by that passdb; PLAIN and LOGIN
@@ -166,8 +170,8 @@ service anvil {{
   }}
 }}
 protocol imap {{
-  # many test clients log in as one user from 127.0.0.1 (default: 10)
-  mail_max_userip_connections = 1000
+  # many test clients log in as one user from 127.0.0.1 (Dovecot's default: 10)
+  mail_max_userip_connections = {max_user_connections}
 }}
 protocol lmtp {{
   postmaster_address = postmaster@{domain}

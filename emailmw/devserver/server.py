@@ -29,6 +29,7 @@ import pathlib
 import re
 import secrets
 import shutil
+import signal
 import smtplib
 import socket
 import ssl
@@ -167,6 +168,9 @@ class DevServer:
     different domains can each have their own address with no setup
     (:class:`~emailmw.devserver.Federation`). :meth:`relay` routes another
     domain's mail to its server.
+    ``max_user_connections``: how many IMAP connections one account may have
+    open from 127.0.0.1 (Dovecot's ``mail_max_userip_connections``; a login
+    past it is refused with ``[LIMIT]``, see :class:`~emailmw.ConnectionLimitError`).
     """
 
     host: str = "127.0.0.1"
@@ -182,7 +186,13 @@ class DevServer:
         *,
         rmw_email_compat: bool = False,
         rmw_email_ports: bool = False,
+        max_user_connections: int = 1000,
     ) -> None:
+        if not isinstance(max_user_connections, int) or max_user_connections < 1:
+            raise ValueError(
+                f"max_user_connections must be a positive int, not {max_user_connections!r}"
+            )
+        self._max_user_connections = max_user_connections
         if auth not in ("password", "oauth2"):
             raise ValueError(f"auth must be 'password' or 'oauth2', not {auth!r}")
         self._auth = auth
@@ -224,6 +234,11 @@ class DevServer:
     def root(self) -> pathlib.Path:
         """The directory holding every config, queue, mailbox, socket and log."""
         return self._root
+
+    @property
+    def max_user_connections(self) -> int:
+        """How many IMAP connections one account may have open from one address."""
+        return self._max_user_connections
 
     @property
     def auth(self) -> str:
@@ -722,21 +737,9 @@ class DevServer:
             ca_name=f"emailmw dev CA {self._instance}",
             hosts=(self.host,),
         )
-        oauth2_args = None
         if self._auth == "oauth2":
-            issuer = TokenIssuer(self._root)
-            issuer.prepare()
-            oauth2_args = issuer.settings_file
-        dovecot_conf = dovecot_config(
-            self._root,
-            instance=self._instance,
-            domain=self._domain,
-            imap_port=self.imap_port,
-            imaps_port=self.imaps_port,
-            oauth2_args=oauth2_args,
-            host=self.host,
-        )
-        write_atomic(self._dovecot_conf, dovecot_conf)
+            TokenIssuer(self._root).prepare()
+        self._write_dovecot_conf()
         main_cf = postfix_main_cf(
             self._root,
             instance=self._instance,
@@ -759,7 +762,54 @@ class DevServer:
         self._write_recipient_access()
         self._write_transport()
 
+    def _write_dovecot_conf(self) -> None:
+        oauth2_args = TokenIssuer(self._root).settings_file if self._auth == "oauth2" else None
+        dovecot_conf = dovecot_config(
+            self._root,
+            instance=self._instance,
+            domain=self._domain,
+            imap_port=self.imap_port,
+            imaps_port=self.imaps_port,
+            oauth2_args=oauth2_args,
+            host=self.host,
+            max_user_connections=self._max_user_connections,
+        )
+        write_atomic(self._dovecot_conf, dovecot_conf)
+
     # -------------------------------------------------------------- test helpers
+
+    def set_max_user_connections(self, limit: int) -> None:
+        """Change :attr:`max_user_connections` of the running server (``doveadm reload``).
+
+        Open connections stay, even past the new limit: only logins from now on
+        are checked against it.
+        """
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_user_connections must be a positive int, not {limit!r}")
+        with self._lock:
+            self._require_prepared()
+            self._max_user_connections = limit
+            self._write_dovecot_conf()
+            self._doveadm("reload")
+
+    def imap_connections(self, account: DevAccount | str) -> set[int]:
+        """The pids of the Dovecot ``imap`` processes serving ``account``'s open IMAP
+        connections (``doveadm who``), one per connection."""
+        address = self._resolve(account).address
+        # "doveadm who -1": one line per connection, "username proto pid ip"
+        rows = (line.split() for line in self._doveadm("who", "-1").splitlines()[1:])
+        return {int(row[2]) for row in rows if len(row) >= 3 and row[0] == address}
+
+    def drop_imap_connection(self, account: DevAccount | str, pid: int) -> None:
+        """End one of ``account``'s IMAP connections: the Dovecot ``imap`` process
+        ``pid`` (one of :meth:`imap_connections`) gets SIGTERM and says ``BYE``;
+        return once it is gone. The account's other connections stay."""
+        if pid not in self.imap_connections(account):
+            raise DevServerError(f"pid {pid} serves no IMAP connection of {account}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_until(lambda: pid not in self.imap_connections(account), 5.0):
+            raise DevServerError(f"IMAP connection {pid} still open after SIGTERM", self.log_tail())
 
     def new_mailbox(self, account: DevAccount | str, prefix: str = "t") -> tuple[str, str]:
         """Create a fresh folder for ``account``; return ``(folder, address)``.
@@ -789,15 +839,9 @@ class DevServer:
         stays.
         """
         address = self._resolve(account).address
-
-        def connection_pids() -> set[str]:
-            # "doveadm who -1": one line per connection, "username proto pid ip"
-            rows = (line.split() for line in self._doveadm("who", "-1").splitlines()[1:])
-            return {row[2] for row in rows if len(row) >= 3 and row[0] == address}
-
-        kicked = connection_pids()
+        kicked = self.imap_connections(account)
         self._doveadm("kick", address)
-        if not wait_until(lambda: not (kicked & connection_pids()), 5.0):
+        if not wait_until(lambda: not (kicked & self.imap_connections(account)), 5.0):
             raise DevServerError(f"{address} still connected after doveadm kick", self.log_tail())
 
     def _doveadm(self, *args: str) -> str:

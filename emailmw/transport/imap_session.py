@@ -34,10 +34,12 @@ receiver (:mod:`emailmw.transport.imap`) reconnects. Not thread-safe.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import imaplib
 import logging
 import math
+import re
 import select
 import socket
 import ssl
@@ -51,7 +53,14 @@ import imapclient
 from imapclient.exceptions import LoginError
 from imapclient.response_parser import parse_fetch_response
 
-from emailmw.errors import AuthenticationError, ConnectError, ImapError, TlsError, TransportError
+from emailmw.errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionLimitError,
+    ImapError,
+    TlsError,
+    TransportError,
+)
 from emailmw.stats import DropReason
 from emailmw.transport.oauth import SaslExchange, expiry_hint, sasl_mechanism
 from emailmw.transport.tls import is_loopback
@@ -65,6 +74,12 @@ __all__ = ["ConnectionLostError", "Listed", "Session", "is_loopback", "open_sess
 logger = logging.getLogger("emailmw.transport.imap")
 
 _LOGOUT_TIMEOUT = 2.0
+# a login refused for the number of the user's connections (see _connection_limit)
+_LIMIT_RE = re.compile(
+    r"\[LIMIT\]|maximum number of connections|too many (simultaneous |concurrent )?connections",
+    re.IGNORECASE,
+)
+_LIMIT_VALUE_RE = re.compile(r"mail_max_userip_connections=(\d+)")
 _VERIFY_EVERY = 10.0  # check the mailbox after an untagged NO at most this often (s)
 
 
@@ -106,6 +121,9 @@ def _connect_error(exc: BaseException, server: str, stage: str, timeout: float) 
     if isinstance(exc, socket.gaierror):
         return ConnectError(f"{server}: cannot resolve the host: {exc.strerror}", server=server)
     if isinstance(exc, LoginError):
+        limited = _connection_limit(exc, server)
+        if limited is not None:
+            return limited
         reason = str(exc)
         reason = reason[len("login failed: ") :] if reason.startswith("login failed: ") else reason
         return AuthenticationError(f"{server}: login failed: {reason}", server=server)
@@ -428,6 +446,9 @@ def _oauth_login(client: Any, settings: ImapSettings, offered: set[str], server:
         try:
             client.sasl_login(mechanism, exchange)
         except LoginError as exc:
+            limited = _connection_limit(exc, server)
+            if limited is not None:
+                raise limited from exc
             refusal = f"{_login_reason(exc)}{exchange.describe()}"
         else:
             return
@@ -445,6 +466,33 @@ def _oauth_login(client: Any, settings: ImapSettings, offered: set[str], server:
         f"{server}: the server rejected the OAuth2 access token (AUTHENTICATE {mechanism}) "
         f"for {settings.username!r}, and a new one from {source.origin} too{hint}: the token "
         f"is revoked, expired or invalid, or not for this account ({refusal})",
+        server=server,
+    )
+
+
+def _connection_limit(exc: LoginError, server: str) -> ConnectionLimitError | None:
+    """The :class:`ConnectionLimitError` for a login the server refused because the
+    user has too many connections open, else None.
+
+    Dovecot answers ``NO [LIMIT] Maximum number of connections from user+IP
+    exceeded (mail_max_userip_connections=N)``; ``[LIMIT]`` is RFC 5530's
+    response code for an implementation limit, and some servers say it in words
+    only (Gmail: ``Too many simultaneous connections``).
+    """
+    reply = _login_reason(exc)
+    if reply[:2] in ("b'", 'b"') and reply[-1:] == reply[1]:
+        with contextlib.suppress(ValueError, SyntaxError):
+            reply = _text(ast.literal_eval(reply))  # imapclient quotes the reply's bytes
+    if not _LIMIT_RE.search(reply):
+        return None
+    match = _LIMIT_VALUE_RE.search(reply)
+    limit = int(match.group(1)) if match else None
+    return ConnectionLimitError(
+        f"{server}: the server refused one more IMAP connection for this user, who has as "
+        f"many open as it allows ({reply}); close another client of this account, raise "
+        "the server's limit (Dovecot: mail_max_userip_connections), or spread the "
+        "readers over more accounts (see docs/deployment.md, Scale-out)",
+        limit=limit,
         server=server,
     )
 

@@ -120,12 +120,20 @@ class SmtpEmailSender(EmailSender):
     address's domain. New emails go to ``settings.recipients`` (To and Cc
     headers; the envelope also holds Bcc); replies go to the original's
     ``From``. Stats counters: ``sent``, ``send_retries``, ``send_failures``,
-    ``reconnects``.
+    ``reconnects``. ``connection_name``: the name of this connection's state in
+    ``stats.connections`` (a pool of senders gives each its own).
     """
 
-    def __init__(self, settings: SmtpSettings, stats: StatsCounters | None = None) -> None:
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        stats: StatsCounters | None = None,
+        *,
+        connection_name: str = "smtp",
+    ) -> None:
         self._settings = settings
         self._stats = stats
+        self._connection_name = connection_name
         self._address = settings.server
         host = f"[{self._address.host}]" if ":" in self._address.host else self._address.host
         self._server = f"{host}:{self._address.port}"
@@ -301,7 +309,7 @@ class SmtpEmailSender(EmailSender):
         try:
             conn, self._conn = self._conn, None
             if self._stats is not None:
-                self._stats.connections.close("smtp")
+                self._stats.connections.close(self._connection_name)
             if conn is None:
                 return
             try:
@@ -321,7 +329,7 @@ class SmtpEmailSender(EmailSender):
 
     def _connection(self, state: ConnectionState) -> None:
         if self._stats is not None:
-            self._stats.connections.set("smtp", state)
+            self._stats.connections.set(self._connection_name, state)
 
     def _check_open(self) -> None:
         if self._closing.is_set():
