@@ -144,7 +144,11 @@ def test_postfix_down_longer_than_send_timeout_raises_and_loses_nothing() -> Non
     assert report.publish_errors, "Postfix was down longer than send-timeout: some must raise"
     for error in report.publish_errors.values():
         assert error.startswith("SmtpError: "), error
-        assert "127.0.0.1:" in error and "refused" in error, error
+        # the cause, with the server: refused while Postfix is down; an attempt that
+        # connected while Postfix was stopping times out instead ("no answer")
+        assert "127.0.0.1:" in error, error
+        assert "refused" in error or "no answer within" in error, error
+    assert any("refused" in error for error in report.publish_errors.values())
     # each failed publish() gave up after send-timeout, not later
     assert report.max_publish < faults.DOWN_SEND_TIMEOUT + faults.TIMEOUT + 2.0
     assert report.errored_but_delivered <= len(report.publish_errors)
