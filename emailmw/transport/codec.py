@@ -71,7 +71,7 @@ import binascii
 import copy
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from email.message import Message
 from email.parser import BytesParser
@@ -385,14 +385,7 @@ def encode_email(
         f'Content-Type: {_media_type(email.content.media_type)}; charset="utf-8"\r\n'
         f"Content-Transfer-Encoding: {encoding}\r\n"
     )
-    for name, value in email.headers.items():
-        if not _FIELD_NAME.fullmatch(name) or len(name) > 900:
-            raise ValueError(f"invalid header name {name!r}")
-        if is_transport_header(name):
-            raise ValueError(f"header {name!r} is set by the transport and cannot be given")
-        if any(c in value for c in "\r\n\0"):
-            raise ValueError(f"value of header {name!r} contains CR, LF or NUL")
-        fields.append(_unstructured_field(name, value))
+    fields += _user_fields(email.headers, _unstructured_field)
     return "".join(fields).encode("ascii") + b"\r\n" + payload
 
 
@@ -427,6 +420,21 @@ def rmw_email_body_problem(body: str, *, eight_bit: bool) -> str | None:
             if size > MAX_LINE_OCTETS:
                 return f"line {number} is {size} octets long; SMTP allows {MAX_LINE_OCTETS}"
     return None
+
+
+def _user_fields(headers: EmailHeaders, field: Callable[[str, str], str]) -> list[str]:
+    """The user's header fields written by ``field``, each name and value checked first
+    (:class:`ValueError` naming the header)."""
+    fields: list[str] = []
+    for name, value in headers.items():
+        if not _FIELD_NAME.fullmatch(name) or len(name) > 900:
+            raise ValueError(f"invalid header name {name!r}")
+        if is_transport_header(name):
+            raise ValueError(f"header {name!r} is set by the transport and cannot be given")
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"value of header {name!r} contains CR, LF or NUL")
+        fields.append(field(name, value))
+    return fields
 
 
 def _one_line_field(name: str, value: str) -> str:
@@ -479,14 +487,7 @@ def _encode_rmw_email(email: EmailData, *, eight_bit: bool, utf8_headers: bool) 
         f'Content-Type: {_media_type(email.content.media_type)}; charset="utf-8"\r\n'
         f"Content-Transfer-Encoding: {'7bit' if body.isascii() else '8bit'}\r\n"
     )
-    for name, value in email.headers.items():
-        if not _FIELD_NAME.fullmatch(name) or len(name) > 900:
-            raise ValueError(f"invalid header name {name!r}")
-        if is_transport_header(name):
-            raise ValueError(f"header {name!r} is set by the transport and cannot be given")
-        if any(c in value for c in "\r\n\0"):
-            raise ValueError(f"value of header {name!r} contains CR, LF or NUL")
-        fields.append(_one_line_field(name, value))
+    fields += _user_fields(email.headers, _one_line_field)
     payload = body.replace("\n", "\r\n") + "\r\n"
     return ("".join(fields) + "\r\n" + payload).encode("utf-8")
 

@@ -307,10 +307,7 @@ class ImapEmailReceiver(EmailReceiver):
         already connected.
         """
         with self._using(cut_in=True):
-            if self._closed:
-                raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
-            if self._session is None:
-                self._session = self._open()
+            self._open_session()
 
     def receive(self, timeout: float | None) -> list[EmailData]:
         """Wait up to ``timeout`` s (None or negative: no limit) for new emails; oldest first.
@@ -368,11 +365,7 @@ class ImapEmailReceiver(EmailReceiver):
         ``emailmw check-config``: server, greeting, capabilities, IDLE support,
         TLS mode and version, mailbox, UIDVALIDITY, UIDNEXT, EXISTS, modes."""
         with self._using(cut_in=True):
-            if self._closed:
-                raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
-            if self._session is None:
-                self._session = self._open()
-            session = self._session
+            session = self._open_session()
             return {
                 "server": self._server,
                 "greeting": session.greeting,
@@ -401,11 +394,7 @@ class ImapEmailReceiver(EmailReceiver):
         if count <= 0:
             return History([])
         with self._using(cut_in=True):
-            if self._closed:
-                raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
-            if self._session is None:
-                self._session = self._open()
-            session = self._session
+            session = self._open_session()
             try:
                 return History(self._topic_emails(session, topic, 1, count), self._in_flight)
             except ConnectionLostError as exc:
@@ -427,11 +416,7 @@ class ImapEmailReceiver(EmailReceiver):
         cannot answer.
         """
         with self._using(cut_in=True):
-            if self._closed:
-                raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
-            if self._session is None:
-                self._session = self._open()
-            session = self._session
+            session = self._open_session()
             now = self._uidvalidity
             position = self._next_uid - 1
             if uidvalidity is None:
@@ -447,6 +432,15 @@ class ImapEmailReceiver(EmailReceiver):
                     server=self._server,
                 ) from exc
             return Backlog(emails, self._in_flight, now, position, resync)
+
+    def _open_session(self) -> Session:
+        """The connection, opened if need be (io lock held); :class:`ImapError` once
+        the receiver is closed."""
+        if self._closed:
+            raise ImapError(f"{self._server}: the receiver is closed", server=self._server)
+        if self._session is None:
+            self._session = self._open()
+        return self._session
 
     @contextlib.contextmanager
     def _using(self, cut_in: bool = False) -> Iterator[None]:
