@@ -27,6 +27,7 @@ run, side by side:
     python benchmarks/federation.py              # the table, about 2.5 minutes
     python benchmarks/federation.py --json       # the same results as JSON
     python benchmarks/federation.py --messages 50 --burst 200 --modes poll-10ms   # quick look
+    python benchmarks/federation.py --plot federation.png   # also draw CDFs, bars, the outage
 
 How it measures: every latency is from just before ``publish()`` to the
 return of ``wait_for_message()`` in a subscriber thread of this process (the
@@ -36,8 +37,10 @@ in ``idle`` mode, so it adds no IMAP traffic. The stream is paced on an
 absolute schedule (message ``i`` at ``start + i / rate``). A few messages go
 through each path unmeasured first. The paths alternate (one domain, one
 relay, per mode), so the load of a shared machine falls on both alike. Run as
-root, with Debian's dovecot-imapd, dovecot-lmtpd and postfix. Nothing here
-asserts; the results go to ``docs/performance.md``.
+root, with Debian's dovecot-imapd, dovecot-lmtpd and postfix. Which stream it
+is at, and how many messages it published, goes to stderr (a bar on a
+terminal); nothing of it falls inside a timed section. Nothing here asserts;
+the results go to ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -49,17 +52,24 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import emailmw
+from emailmw._progress import ProgressReporter
 from emailmw.devserver import Federation
 
 PATHS = {"one domain": "a.test", "one relay": "b.test"}  # where the subscriber reads
 WARMUP = 5
 STALL = 60.0  # seconds: the longest a receiver waits for one message
+
+Tick = Callable[[int, int], None]  # (done, total) of the phase under way
+
+
+def no_tick(done: int, total: int) -> None:
+    """A phase that reports nowhere."""
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -120,8 +130,11 @@ def collect(sub: emailmw.Subscription[str], n: int, out: list[tuple[int, int, in
         out.append((int(seq), int(sent), received))
 
 
-def latency(fed: Federation, domain: str, mode: str, n: int, rate: float) -> dict[str, Any]:
-    """A paced stream of ``n`` messages; latency in ms."""
+def latency(
+    fed: Federation, domain: str, mode: str, n: int, rate: float, tick: Tick = no_tick
+) -> dict[str, Any]:
+    """A paced stream of ``n`` messages; latency in ms. ``tick`` hears of each publish
+    after it returned (the latency is stamped before it)."""
     with stream(fed, domain, mode, f"/bench/latency/{domain}/{mode}") as s:
         got: list[tuple[int, int, int]] = []
         receiver = threading.Thread(target=collect, args=(s.sub, n, got), name="bench-recv")
@@ -132,6 +145,7 @@ def latency(fed: Federation, domain: str, mode: str, n: int, rate: float) -> dic
             if delay > 0:
                 time.sleep(delay)  # the pacing schedule
             s.pub.publish(f"{i} {time.monotonic_ns()}")
+            tick(i + 1, n)
         receiver.join(STALL + n / rate)
         sub_stats = s.contexts[0].stats()
     ms = sorted((received - sent) / 1e6 for _, sent, received in got)
@@ -144,6 +158,7 @@ def latency(fed: Federation, domain: str, mode: str, n: int, rate: float) -> dic
         "p99_ms": percentile(ms, 0.99),
         "max_ms": ms[-1],
         "dropped": sum(sub_stats.dropped.values()),
+        "latencies_ms": ms,
     }
 
 
@@ -171,8 +186,11 @@ def throughput(fed: Federation, domain: str, n: int) -> dict[str, Any]:
     }
 
 
-def store_and_forward(fed: Federation, n: int, outage: float) -> dict[str, Any]:
-    """``n`` messages published to b.test while its SMTP is down for ``outage`` s."""
+def store_and_forward(
+    fed: Federation, n: int, outage: float, tick: Tick = no_tick
+) -> dict[str, Any]:
+    """``n`` messages published to b.test while its SMTP is down for ``outage`` s.
+    ``tick`` hears of each publish after its duration was taken."""
     with stream(fed, "b.test", "poll-10ms", "/bench/outage") as s:
         got: list[tuple[int, int, int]] = []
         receiver = threading.Thread(target=collect, args=(s.sub, n, got), name="bench-recv")
@@ -185,6 +203,7 @@ def store_and_forward(fed: Federation, n: int, outage: float) -> dict[str, Any]:
                 started = time.monotonic()
                 s.pub.publish(f"{i} {time.monotonic_ns()}")
                 durations.append(time.monotonic() - started)
+                tick(i + 1, n)
             queued = fed.queued("a.test")
             time.sleep(max(0.0, outage - (time.monotonic() - down)))  # the outage itself
         finally:
@@ -203,6 +222,12 @@ def store_and_forward(fed: Federation, n: int, outage: float) -> dict[str, Any]:
         "publish_max_ms": durations[-1] * 1e3,
         "first_after_up_s": (arrivals[0] - up) / 1e9 if arrivals else None,
         "last_after_up_s": (arrivals[-1] - up) / 1e9 if arrivals else None,
+        # for the plot: when stop_smtp returned and (seq, published, in hand), in s from
+        # start_smtp (so the first two are negative)
+        "down_s": down - up / 1e9,
+        "timeline": sorted(
+            (seq, (sent - up) / 1e9, (got_ns - up) / 1e9) for seq, sent, got_ns in got
+        ),
     }
 
 
@@ -278,33 +303,144 @@ def main(argv: list[str] | None = None) -> int:
         "--outage-messages", type=int, default=100, help="published during the outage (100)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args(argv)
     try:
         modes = [m for m in args.modes.split(",") if parse_mode(m)]
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
+    progress = ProgressReporter(sys.stderr, "federation")
+
+    def phase(name: str) -> Tick:
+        """Report the phase ``name`` as started; its ticks follow."""
+        progress(name, 0, 1)
+        return lambda done, total: progress(name, done, total)
+
+    # "plot" stays out of the printed arguments: the JSON is the same without --plot
+    settings = {key: value for key, value in vars(args).items() if key != "plot"}
+    results: dict[str, Any] = {"machine": machine(), "args": settings}
     started = time.monotonic()
+    progress("start", 0, 1)
     with Federation(domains=("a.test", "b.test"), accounts=("alice", "bob")) as fed:
         results["start_s"] = time.monotonic() - started
-        results["latency"] = [
-            {"mode": mode, "path": path, **latency(fed, domain, mode, args.messages, args.rate)}
-            for mode in modes
-            for path, domain in PATHS.items()
-        ]
-        results["throughput"] = [
-            {"path": path, **throughput(fed, domain, args.burst)} for path, domain in PATHS.items()
-        ]
+        progress("start", 1, 1)
+        results["latency"] = []
+        for mode in modes:
+            for path, domain in PATHS.items():
+                tick = phase(f"latency {mode} {path}")
+                row = latency(fed, domain, mode, args.messages, args.rate, tick)
+                results["latency"].append({"mode": mode, "path": path, **row})
+        results["throughput"] = []
+        for path, domain in PATHS.items():
+            tick = phase(f"burst {path}")  # no ticks inside: publish() is timed back to back
+            results["throughput"].append({"path": path, **throughput(fed, domain, args.burst)})
+            tick(1, 1)
         if args.outage_seconds > 0:
             results["store_and_forward"] = store_and_forward(
-                fed, args.outage_messages, args.outage_seconds
+                fed, args.outage_messages, args.outage_seconds, phase("store and forward")
             )
+    progress.close()
+    drawn = split_plot_only(results)
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()
     else:
         print_report(results)
+    if pyplot is not None:
+        plot(pyplot, args.plot, results, drawn)
     return 0
+
+
+def split_plot_only(results: dict[str, Any]) -> dict[str, Any]:
+    """Take what only ``--plot`` draws out of ``results`` (never printed: the table and
+    the JSON are the same with and without ``--plot``) and return it: the latency
+    samples by (mode, path), the store-and-forward timeline and when the outage began."""
+    drawn: dict[str, Any] = {
+        "latencies_ms": {
+            (row["mode"], row["path"]): row.pop("latencies_ms") for row in results["latency"]
+        }
+    }
+    outage = results.get("store_and_forward")
+    if outage is not None:
+        drawn["timeline"] = outage.pop("timeline")
+        drawn["down_s"] = outage.pop("down_s")
+    return drawn
+
+
+# -- plot -----------------------------------------------------------------------------------
+
+
+def plot(pyplot: Any, path: str, results: dict[str, Any], drawn: dict[str, Any]) -> None:
+    """Draw the results: per receive mode, the latency CDFs of one domain and one relay;
+    the throughput of both side by side; the store-and-forward timeline."""
+    import _plot
+
+    args = results["args"]
+    modes = list(dict.fromkeys(row["mode"] for row in results["latency"]))
+    outage = results.get("store_and_forward")
+    fig, axes = _plot.figure(pyplot, len(modes) + 1 + (outage is not None), size=(5.5, 3.4))
+    for mode, ax in zip(modes, axes, strict=False):
+        for index, path_name in enumerate(PATHS):
+            row = next(r for r in results["latency"] if (r["mode"], r["path"]) == (mode, path_name))
+            _plot.cdf(
+                ax,
+                drawn["latencies_ms"][(mode, path_name)],
+                f"{path_name}: p50 {row['p50_ms']:.1f}, p99 {row['p99_ms']:.1f} ms "
+                f"({row['received']}/{row['messages']})",
+                color=f"C{index}",
+            )
+        _plot.log_scale(ax)
+        ax.set_xlabel("latency, publish() on a.test -> message in hand (ms)")
+        ax.set_title(f"{mode}: {args['messages']} messages at {args['rate']:g} Hz")
+        ax.legend(loc="lower right")
+    tput = axes[len(modes)]
+    rows = results["throughput"]
+    _plot.grouped_bars(
+        tput,
+        [row["path"] for row in rows],
+        {
+            "publish()": [row["publish_per_s"] for row in rows],
+            "end to end": [row["end_to_end_per_s"] for row in rows],
+            "to 99 %": [row["end_to_end_99pct_per_s"] for row in rows],
+        },
+        unit="msg/s",
+        fmt="{:.0f}",
+    )
+    tput.set_title(f"throughput, {args['burst']} messages back to back on a.test")
+    if outage is not None:
+        draw_outage(axes[-1], outage, drawn["timeline"], drawn["down_s"])
+    _plot.save(pyplot, fig, path, "federation: one mail domain next to one relay")
+
+
+def draw_outage(
+    ax: Any, row: dict[str, Any], timeline: list[tuple[int, float, float]], down_s: float
+) -> None:
+    """Store and forward: each message's publish() (during the outage: from ``down_s``
+    to 0) and its arrival in the subscriber's hand, in seconds from b.test's start_smtp."""
+    seqs = [seq for seq, _, _ in timeline]
+    ax.axvspan(down_s, 0.0, color="C3", alpha=0.12, label="b.test's SMTP down")
+    ax.scatter([sent for _, sent, _ in timeline], seqs, s=8, color="C0", label="publish()")
+    ax.scatter([got for _, _, got in timeline], seqs, s=8, color="C2", label="in hand")
+    ax.axvline(0.0, color="k", linewidth=0.8)
+    ax.set_xlabel("seconds from start_smtp on b.test")
+    ax.set_ylabel("message number")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+    first, last = row["first_after_up_s"], row["last_after_up_s"]
+    came = "" if first is None else f", {first:.2f} to {last:.2f} s after the start"
+    ax.set_title(
+        f"store and forward: {row['messages']} published in a {row['outage_s']:g} s outage;"
+        f"\n{row['received']} in hand{came}"
+    )
 
 
 if __name__ == "__main__":
