@@ -23,9 +23,12 @@ reader's IMAP connection against one user) and, for each K of ``--readers``
 
     python benchmarks/readers.py                      # K = 1, 4, 16, 64: about 3 minutes
     python benchmarks/readers.py --readers 1,8 --messages 30 --json
+    python benchmarks/readers.py --plot readers.png   # also draw latency and CPU against K
 
 Latencies use ``time.monotonic_ns()`` in both processes (one clock per machine
-on Linux). Nothing here asserts; the numbers go to docs/deployment.md.
+on Linux). How many readers are up, and how many messages went out, goes to
+stderr (a bar on a terminal), never inside a timed section. Nothing here
+asserts; the numbers go to docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
 import emailmw
+from emailmw._progress import ProgressReporter
 from emailmw.devserver import DevServer
 
 TOPIC = "/readers"
@@ -147,23 +152,40 @@ class Child:
         self.process.join(5)
 
 
-def run(server: DevServer, k: int, n: int, rate: float, mode: str) -> dict[str, Any]:
-    """K readers on one fresh folder, ``n`` messages at ``rate`` Hz."""
+def no_progress(phase: str, done: int, total: int) -> None:
+    """Progress reported nowhere."""
+
+
+def run(
+    server: DevServer,
+    k: int,
+    n: int,
+    rate: float,
+    mode: str,
+    progress: Callable[[str, int, int], None] = no_progress,
+) -> dict[str, Any]:
+    """K readers on one fresh folder, ``n`` messages at ``rate`` Hz. ``progress`` hears
+    of each reader that is up and of each message published, outside the timed parts."""
     folder, address = server.new_mailbox("alice", prefix="readers")
     config = server.config("alice", mailbox=folder, to=address, receive_mode=mode)
     quiet, _ = server.new_mailbox("bob", prefix="quiet")
     pub_config = server.config("bob", mailbox=quiet, to=address, receive_mode="idle")
     before = server.imap_connections("alice")
+    connecting, streaming = partial(progress, f"connect K={k}"), partial(progress, f"stream K={k}")
+    connecting(0, k)
     started = time.monotonic()
     kids = [Child(reader, config, n) for _ in range(k)]
     try:
-        for kid in kids:
+        for up, kid in enumerate(kids, 1):
             kid.answer(CHILD_TIMEOUT)
-        connect_s = time.monotonic() - started
+            answered = time.monotonic()  # the others start meanwhile: report, then wait on
+            connecting(up, k)
+        connect_s = answered - started
         imap_pids = sorted(server.imap_connections("alice") - before)
         with emailmw.Context(emailmw.Options.from_dict(pub_config)) as ctx:
             pub = emailmw.Publisher(TOPIC, context=ctx)
             dovecot0 = {pid: process_cpu_seconds(pid) for pid in imap_pids}
+            streaming(0, n)
             for kid in kids:
                 kid.conn.send("go")
             start = time.monotonic()
@@ -172,6 +194,7 @@ def run(server: DevServer, k: int, n: int, rate: float, mode: str) -> dict[str, 
                 if delay > 0:
                     time.sleep(delay)
                 pub.publish(f"{i} {time.monotonic_ns()}")
+                streaming(i + 1, n)  # after the send time was stamped
             results = [kid.answer(STALL + CHILD_TIMEOUT) for kid in kids]
             end = max((r["last_ns"] for r in results if r["last_ns"]), default=0) / 1e9
             wall = (end or time.monotonic()) - start
@@ -211,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=5.0, help="stream rate in Hz (5)")
     parser.add_argument("--mode", default="auto", help="the readers' receive-mode (auto)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the results into PATH.png (needs emailmw[plot])",
+    )
     args = parser.parse_args(argv)
     try:
         ks = [int(k) for k in args.readers.split(",") if k.strip()]
@@ -220,13 +248,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--readers, --messages and --rate must be positive")
     if args.mode not in ("auto", "idle", "poll"):
         parser.error("--mode: auto, idle or poll")
+    pyplot = None
+    if args.plot:
+        import _plot
+
+        pyplot = _plot.start(parser, args.plot)
+    progress = ProgressReporter(sys.stderr, "readers")
     started = time.monotonic()
     load_at_start = os.getloadavg()
     rows = []
     # Dovecot counts each reader's connection against alice: allow them all.
     with DevServer(accounts=("alice", "bob"), max_user_connections=max(ks) + 16) as server:
         for k in ks:
-            rows.append(run(server, k, args.messages, args.rate, args.mode))
+            rows.append(run(server, k, args.messages, args.rate, args.mode, progress))
+    progress.close()
     machine = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -238,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         json.dump({"machine": machine, "mode": args.mode, "rows": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+    else:
+        print_table(machine, rows, args)
+    if pyplot is not None:
+        plot(pyplot, args.plot, machine, rows, args)
+    return 0
+
+
+def print_table(machine: dict[str, Any], rows: list[dict[str, Any]], args: Any) -> None:
+    """The table of ``rows`` (one per K), under a line on the machine and the stream."""
     out = sys.stdout
     out.write(
         f"machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
@@ -262,7 +305,62 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['connect_s']:.1f} s |\n"
         )
     out.write(f"\n(run took {machine['elapsed_s']:.0f} s)\n")
-    return 0
+
+
+# -- plot -----------------------------------------------------------------------------------
+
+
+def plot(
+    pyplot: Any, path: str, machine: dict[str, Any], rows: list[dict[str, Any]], args: Any
+) -> None:
+    """Against K: the latency p50 / p90 / p99 (over every message and reader), and the
+    CPU of Dovecot's imap processes (their sum) next to that of one reader (mean)."""
+    import _plot
+    from matplotlib import ticker
+
+    ks = [row["readers"] for row in rows]
+    fig, (latency, cpu) = _plot.figure(pyplot, 2, size=(5.5, 3.4))
+    for key, name in (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99")):
+        got = [(row["readers"], row[key]) for row in rows if key in row]
+        latency.plot([k for k, _ in got], [v for _, v in got], marker="o", label=name)
+    for row in rows:
+        if row["lost"]:
+            latency.annotate(f"{row['lost']} lost", (row["readers"], row.get("p99_ms", 1.0)))
+    _plot.log_scale(latency, "y")
+    # labels at 1, 2 and 5 of each decade: a few K may span less than one decade
+    latency.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    latency.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:g}"))
+    latency.set_ylabel("latency, publish() -> in a reader's hand (ms)")
+    latency.set_title(
+        f"{args.messages} messages at {args.rate:g} Hz, receive-mode {args.mode}, every reader"
+    )
+    latency.legend(loc="best")
+    cpu.plot(
+        ks,
+        [row["dovecot_imap_cpu_percent"] for row in rows],
+        marker="o",
+        label="Dovecot imap processes (sum)",
+    )
+    cpu.plot(
+        ks, [row["reader_cpu_mean_percent"] for row in rows], marker="s", label="one reader (mean)"
+    )
+    cpu.set_ylabel("CPU, % of one core")
+    cpu.set_ylim(bottom=0)
+    cpu.set_title("CPU while the stream ran")
+    cpu.legend(loc="best")
+    load = machine["load_average_at_start"][0], machine["load_average_at_end"][0]
+    for ax in (latency, cpu):
+        _plot.log_scale(ax, "x")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K, reader processes on one mailbox")
+        ax.grid(True, which="major", alpha=0.3)
+    _plot.save(
+        pyplot,
+        fig,
+        path,
+        f"readers: K subscriber processes on one mailbox "
+        f"(load average {load[0]:.1f} at start, {load[1]:.1f} at end)",
+    )
 
 
 if __name__ == "__main__":
