@@ -42,6 +42,11 @@ QUICK: dict[str, list[str]] = {
         "--late-joins", "1", "--late-joiner-modes", "poll-10ms",
         "--history-emails", "200",
     ],
+    "federation": [
+        "--messages", "10", "--rate", "50", "--burst", "20", "--modes", "poll-10ms,auto",
+        "--outage-seconds", "1", "--outage-messages", "5",
+    ],
+    "readers": ["--readers", "1,2", "--messages", "10", "--rate", "20"],
 }  # fmt: skip
 ALL = sorted(QUICK)
 
@@ -232,6 +237,83 @@ def test_plot_of_mailbox(tmp_path: Path) -> None:
     assert "mailbox: floor 10/10 (100%)" in progress
     assert "mailbox: stream poll-10ms 10/10 (100%)" in progress
     assert "mailbox: burst auto 20/20 (100%)" in progress
+
+
+#: the keys of one row of each section of ``federation.py --json`` (the latency samples
+#: and the outage's timeline are for the plot only)
+FEDERATION_KEYS = {
+    "latency": {
+        "mode", "path", "messages", "received", "in_order", "p50_ms", "p90_ms", "p99_ms",
+        "max_ms", "dropped",
+    },
+    "throughput": {
+        "path", "messages", "received", "in_order", "publish_per_s", "end_to_end_per_s",
+        "end_to_end_99pct_per_s", "seconds",
+    },
+    "store_and_forward": {
+        "messages", "outage_s", "received", "in_order", "queued_on_a_after_publishing",
+        "publish_p50_ms", "publish_max_ms", "first_after_up_s", "last_after_up_s",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.mailstack
+@pytest.mark.timeout(180)
+def test_plot_of_federation(tmp_path: Path) -> None:
+    require_mailstack()
+    png = tmp_path / "federation.png"
+    code, out, progress = run(
+        tmp_path, "federation", *QUICK["federation"], "--json", "--plot", str(png), timeout=150
+    )
+    assert code == 0, progress
+    assert_png(png)
+    result = json.loads(out)
+    assert set(result) == {"machine", "args", "start_s", *FEDERATION_KEYS}
+    assert "plot" not in result["args"]  # the JSON is the same without --plot
+    assert [(row["mode"], row["path"]) for row in result["latency"]] == [
+        ("poll-10ms", "one domain"),
+        ("poll-10ms", "one relay"),
+        ("auto", "one domain"),
+        ("auto", "one relay"),
+    ]
+    for section, keys in FEDERATION_KEYS.items():
+        rows = result[section] if isinstance(result[section], list) else [result[section]]
+        for row in rows:
+            assert set(row) == keys, (section, row)
+            assert row["received"] == row["messages"] and row["in_order"], (section, row)
+    assert "federation: latency auto one relay 10/10 (100%)" in progress
+    assert "federation: burst one relay 1/1 (100%)" in progress
+    assert "federation: store and forward 5/5 (100%)" in progress
+    assert "\r" not in progress
+    code, plain, _ = run(tmp_path, "federation", *QUICK["federation"], "--json", timeout=150)
+    assert code == 0
+    assert json_form(json.loads(plain)) == json_form(result)
+
+
+@pytest.mark.mailstack
+@pytest.mark.timeout(180)
+def test_plot_of_readers(tmp_path: Path) -> None:
+    require_mailstack()
+    png = tmp_path / "readers.png"
+    code, plotted, progress = run(
+        tmp_path, "readers", *QUICK["readers"], "--plot", str(png), timeout=150
+    )
+    assert code == 0, progress
+    assert_png(png)
+    table = text_form(plotted)
+    assert table[0].startswith("machine: N CPUs,")
+    assert table[1] == "N messages at N Hz, receive-mode auto"
+    assert plotted.splitlines()[3].startswith("| readers | p50 ms | p90 ms | p99 ms | max ms |")
+    rows = [line for line in plotted.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+    assert all(row.split("|")[6].strip() == "0" for row in rows), rows  # none lost
+    assert "plot: wrote" not in plotted
+    for k in (1, 2):
+        assert f"readers: connect K={k} {k}/{k} (100%)" in progress
+        assert f"readers: stream K={k} 10/10 (100%)" in progress
+    code, plain, _ = run(tmp_path, "readers", *QUICK["readers"], timeout=150)
+    assert code == 0
+    assert text_form(plotted) == text_form(plain)
 
 
 # ----------------------------------------------------------------------- bad --plot
