@@ -39,8 +39,10 @@ through each path unmeasured first. The paths alternate (one domain, one
 relay, per mode), so the load of a shared machine falls on both alike. Run as
 root, with Debian's dovecot-imapd, dovecot-lmtpd and postfix. Which stream it
 is at, and how many messages it published, goes to stderr (a bar on a
-terminal); nothing of it falls inside a timed section. Nothing here asserts;
-the results go to ``docs/performance.md``.
+terminal): after each publish of a paced stream (its send time already stamped)
+or of the outage (its duration already taken); a back-to-back burst reports
+only its start and end. Nothing here asserts; the results go to
+``docs/performance.md``.
 """
 
 from __future__ import annotations

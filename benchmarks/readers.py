@@ -27,8 +27,9 @@ reader's IMAP connection against one user) and, for each K of ``--readers``
 
 Latencies use ``time.monotonic_ns()`` in both processes (one clock per machine
 on Linux). How many readers are up, and how many messages went out, goes to
-stderr (a bar on a terminal), never inside a timed section. Nothing here
-asserts; the numbers go to docs/deployment.md.
+stderr (a bar on a terminal): after each reader answered, and after each publish
+in the pacing's slack (its send time already stamped). Nothing here asserts;
+the numbers go to docs/deployment.md.
 """
 
 from __future__ import annotations
