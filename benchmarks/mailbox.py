@@ -52,6 +52,10 @@ postfix, run as root) and prints, from one run, side by side:
   (``ImapEmailReceiver.bytes_received``), next to the folder's size.
   ``--history-only`` runs only this row; ``--no-history`` skips it.
 
+* **prune** (``--prune-only``, ``--prune-emails N``, default 100 000): the time
+  to prune a folder of N emailmw emails (and ``emailmw topics`` / ``history`` on
+  it); it runs ``benchmarks/retention.py``, which owns that measurement.
+
 * **sender pool** (``--sender-pool-only``): ``--pool-messages`` messages sent as
   fast as they go by ``--pool-publishers`` publisher threads (one
   ``Publisher`` each, one context) through ``smtp-connections`` N for each N of
@@ -113,11 +117,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import imaplib
+import importlib.util
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import pathlib
 import platform
 import re
 import resource
@@ -1375,6 +1381,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--history-only", action="store_true", help="measure only the history row")
     parser.add_argument(
+        "--prune-only",
+        action="store_true",
+        help="measure only pruning (with topics and history): benchmarks/retention.py",
+    )
+    parser.add_argument(
+        "--prune-emails",
+        type=int,
+        default=100_000,
+        help="with --prune-only: emailmw emails in the folder to prune (100000)",
+    )
+    parser.add_argument(
         "--sender-pool-only",
         action="store_true",
         help="measure only the sender pool (smtp-connections) next to the floor",
@@ -1426,6 +1443,11 @@ def main(argv: list[str] | None = None) -> int:
         import _plot
 
         pyplot = _plot.start(parser, args.plot)
+    if args.prune_only:  # the retention benchmark owns that measurement
+        if args.prune_emails < 1:
+            parser.error("--prune-emails must be >= 1")
+        extra = ["--plot", args.plot] if args.plot else []
+        return retention_benchmark().main(["--emails", str(args.prune_emails), *extra])
     if args.sender_pool_only or args.fanout_only:
         try:
             pool_connections = counts(args.pool_connections, "--pool-connections")
@@ -1665,6 +1687,18 @@ def plot(pyplot: Any, path: str, results: dict[str, Any]) -> None:
     for draw, ax in zip(panels, axes, strict=False):
         draw(ax)
     _plot.save(pyplot, fig, path, "mailbox: emailmw over Dovecot + Postfix next to the floor")
+
+
+def retention_benchmark() -> Any:
+    """``benchmarks/retention.py`` as a module (loaded from beside this file: this
+    script's own name shadows the standard library's ``mailbox``, so the benchmarks
+    are not importable as a package)."""
+    path = pathlib.Path(__file__).with_name("retention.py")
+    spec = importlib.util.spec_from_file_location("emailmw_bench_retention", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def scale_only(args: argparse.Namespace, connections: list[int], recipients: list[int]) -> int:

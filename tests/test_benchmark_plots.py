@@ -168,6 +168,18 @@ def test_plot_of_retention(tmp_path: Path) -> None:
     assert text_form(plotted) == text_form(plain)
 
 
+@pytest.mark.mailstack
+@pytest.mark.timeout(180)
+def test_mailbox_prune_only_runs_the_prune_row(tmp_path: Path) -> None:
+    require_mailstack()
+    code, out, progress = run(tmp_path, "mailbox", "--prune-only", "--prune-emails", "300")
+    assert code == 0, progress
+    assert re.search(r"^prune --older-than 0 \(300 emails\) +\d+\.\d+ s$", out, re.M), out
+    assert "left in the folder: 10 (the 10 foreign emails)" in out
+    code, _, err = run(tmp_path, "mailbox", "--prune-only", "--prune-emails", "0")
+    assert code == 2 and "--prune-emails must be >= 1" in err
+
+
 #: the keys of one fault in ``faults.py --json`` (the timeline is for the plot only)
 FAULT_KEYS = {
     "fault", "messages", "sent", "publish_errors", "delivered", "duplicated", "lost",
