@@ -87,7 +87,7 @@ class DurableCursor:
 
     @property
     def position(self) -> int:
-        """The last UID up to which every message given was handled."""
+        """The last UID up to which every message read on the topic was handled (or dropped)."""
         return self._position
 
     @property
@@ -160,10 +160,6 @@ class DurableCursor:
             if uid > self._position and uid not in self._waiting_uids:
                 self._waiting_uids.add(uid)
                 heapq.heappush(self._waiting, uid)
-
-    def given(self, info: MessageInfo) -> None:
-        """A message was queued in the subscription (see :meth:`read`)."""
-        self.read(info._uid)
 
     def dropped(self, info: MessageInfo) -> None:
         """A message read was dropped (queue overflow, invalid): no longer waited for."""

@@ -385,9 +385,7 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
             self._history_keys = keys
             queue = self._queue
             queue.extendleft(reversed(items))
-            if durable is not None:  # a durable catch-up is kept whole (see durable.py)
-                for _, info in items:
-                    durable.given(info)
+            # a durable catch-up is kept whole (see durable.py)
             while len(queue) > self._depth and durable is None:
                 queue.popleft()
                 self._context._counters.drop(DropReason.QUEUE_FULL)
@@ -435,8 +433,6 @@ class Subscription(Entity, Waitable, AsyncSubscriptionMixin, Generic[T]):
                 self._context._counters.drop(DropReason.QUEUE_FULL)
                 if durable is not None:
                     durable.dropped(lost)
-            if durable is not None:
-                durable.given(info)
             queue.append((value, info))
             for waiter in self._waiters:
                 waiter.set()

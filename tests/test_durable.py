@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -325,9 +326,9 @@ def test_a_recreated_folder_is_read_again_and_counted(
             pub.publish("old0")
             pub.publish("old1")
             assert take_all(sub, 2, 30) == ["old0", "old1"]
-        old = [raw for raw in _raw_emails(dev_server, folder)]
+        old = _raw_emails(dev_server, folder)
         account = dev_server.account("alice")
-        tls = __import__("ssl").create_default_context(cafile=str(dev_server.ca_file))
+        tls = ssl.create_default_context(cafile=str(dev_server.ca_file))
         with IMAPClient(dev_server.host, dev_server.imaps_port, ssl_context=tls) as admin:
             admin.login(account.address, account.password)
             admin.delete_folder(folder)
@@ -361,7 +362,7 @@ def append_retrying(admin: IMAPClient, folder: str, raw: bytes) -> None:
 
 def _raw_emails(server: DevServer, folder: str) -> list[bytes]:
     account = server.account("alice")
-    tls = __import__("ssl").create_default_context(cafile=str(server.ca_file))
+    tls = ssl.create_default_context(cafile=str(server.ca_file))
     with IMAPClient(server.host, server.imaps_port, ssl_context=tls) as client:
         client.login(account.address, account.password)
         client.select_folder(folder, readonly=True)

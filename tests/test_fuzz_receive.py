@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import gc
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from logcapture import capture_emailmw_logs
 
 from emailmw.dispatch.core import DeliveryCore
 from emailmw.info import MessageInfo
@@ -366,31 +365,6 @@ def damaged_emails(draw: st.DrawFn) -> bytes:
 # ----------------------------------------------------------------------------- the path
 
 
-class Records(logging.Handler):
-    """Every record of the ``emailmw`` loggers."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def emailmw_logs() -> Iterator[Records]:
-    handler = Records()
-    logger = logging.getLogger("emailmw")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 class Sink:
     """A subscription as the delivery core sees it."""
 
@@ -422,7 +396,7 @@ def dispatch(email: EmailData, key: bytes | None) -> None:
     sinks = {topic: Sink() for topic in SUBSCRIBED}
     for topic, sink in sinks.items():
         core.register_subscription(topic, sink)
-    with emailmw_logs() as logs:
+    with capture_emailmw_logs() as logs:
         core.dispatch(email)
     after = stats.snapshot()
     errors = [r.getMessage()[:200] for r in logs.records if r.levelno >= logging.ERROR]

@@ -9,7 +9,6 @@ once under its reason and logged once (by UID or Message-ID).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -17,7 +16,6 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import pytest
 from hostile_corpus import CorpusEmail, corpus, expected_drops, valid_message
 from imapclient import IMAPClient
+from logcapture import capture_emailmw_logs
 
 from emailmw import (
     Context,
@@ -46,32 +45,6 @@ MEGABYTE = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class ListHandler(logging.Handler):
-    """Keeps every record it is given."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def capture_emailmw_logs() -> Iterator[ListHandler]:
-    """Every record of the ``emailmw`` loggers, DEBUG included, while the block runs."""
-    handler = ListHandler()
-    logger = logging.getLogger("emailmw")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def mailbox_options(server: DevServer, folder: str, address: str, **email: Any) -> Options:
